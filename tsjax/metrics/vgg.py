@@ -120,14 +120,15 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def convert_vgg_state_dict(sd: Mapping[str, np.ndarray], arch: str = "vgg19", *,
-                           prefix: str = "features.", source: str = "state dict") -> dict:
+                           prefix: str = "features.", source: str = "state dict",
+                           layers: int | None = None) -> dict:
     """torchvision ``features.N.{weight,bias}`` -> Flax params ``{convB_I: {kernel [3,3,I,O], bias}}``.
 
-    Convolutions that are absent from ``sd`` (e.g. a truncated checkpoint) raise ValueError naming the
-    missing key; extra keys (the classifier) are ignored.
+    Only the first ``layers`` convolutions are converted (all when None). A missing convolution raises
+    ValueError naming the key; extra keys (the classifier) are ignored.
     """
     params = {}
-    for name, idx, ch in conv_layout(arch):
+    for name, idx, ch in conv_layout(arch)[:layers]:
         kw, kb = f"{prefix}{idx}.weight", f"{prefix}{idx}.bias"
         for k in (kw, kb):
             if k not in sd:
@@ -144,17 +145,16 @@ def load_vgg(path: str | Path, arch: str = "vgg19", taps: Sequence[str] = ("relu
              normalize: bool = True) -> tuple[VGG, dict]:
     """Build ``VGG(arch, taps)`` and load its variables from a torchvision-format file at ``path``.
 
-    Returns ``(module, variables)``; call ``module.apply(variables, images)``. Every convolution of
-    ``arch`` must be in the file (as in any torchvision checkpoint); only those up to the deepest tap
-    are kept.
+    Returns ``(module, variables)``; call ``module.apply(variables, images)``. The convolutions up to
+    the deepest tap are read (a torchvision checkpoint holds them all).
     """
-    sd = read_state_dict(path)
-    variables = convert_vgg_state_dict(sd, arch, source=str(path))
     module = VGG(arch=arch, taps=tuple(taps), normalize=normalize)
-    # Keep only the convolutions the truncated module uses.
     order = [n for n, _, _ in conv_layout(arch)]
+    bad = [t for t in taps if "conv" + t[4:] not in order]
+    if bad or not taps:
+        raise ValueError(f"unknown {arch} taps {list(taps)}")
     last = max(order.index("conv" + t[4:]) for t in taps)
-    variables = {"params": {k: v for k, v in variables["params"].items() if order.index(k) <= last}}
+    variables = convert_vgg_state_dict(read_state_dict(path), arch, source=str(path), layers=last + 1)
     return module, variables
 
 
