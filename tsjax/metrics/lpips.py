@@ -96,6 +96,11 @@ def _vgg16_from_lpips_state(sd: dict) -> dict | None:
     return out or None
 
 
+def lpips_file_has_backbone(path: str | Path) -> bool:
+    """True when ``path`` is a full ``lpips.LPIPS`` state dict (holds the VGG16 backbone too)."""
+    return _vgg16_from_lpips_state(read_state_dict(path)) is not None
+
+
 def load_lpips(lin_path: str | Path, vgg16_path: str | Path | None = None) -> LPIPS:
     """Load LPIPS-VGG weights from local files.
 
