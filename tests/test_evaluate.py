@@ -49,8 +49,9 @@ COMMON = ["--views", "2", "--res", "64", "--voxel-res", "32", "--chamfer-points"
 def test_evaluate_geometric_only(tmp_path, capsys):
     a, b = make_results(tmp_path)
     out = tmp_path / "out"
+    missing_vgg = tmp_path / "missing" / "vgg19.pth"
     rc = evaluate.main(["--results", str(a), str(b), "--exemplars", builtin_spec(), "--out", str(out),
-                        "--prompt", "a toy", *COMMON])
+                        "--prompt", "a toy", "--vgg", str(missing_vgg), *COMMON])
     assert rc == 0, capsys.readouterr().err
     rep = json.loads((out / "metrics.json").read_text())
     assert set(rep["methods"]) == {"method_a", "method_b"}
@@ -61,8 +62,9 @@ def test_evaluate_geometric_only(tmp_path, capsys):
         assert 0.0 <= vals["novelty_iou"] <= 1.0
         assert 0.0 < vals["chamfer_to_exemplars"] < 1.0
         assert vals["palette_distance"] > 0.0
-        for k in ("contextual_distance", "clip_score_exemplars", "aesthetic"):
-            assert vals[k].startswith("not computed: weights missing at (no --")
+        assert vals["contextual_distance"] == f"not computed: weights missing at {missing_vgg}"
+        for k in ("clip_score_text", "clip_score_exemplars", "aesthetic"):
+            assert vals[k] == "not computed: weights missing at (no --clip given)"
     m = rep["methods"]["method_a"]
     assert 0.0 < m["method"]["diversity_iou"] <= 1.0
     assert m["method"]["diversity_lpips"] == "not computed: weights missing at (no --lpips given)"
@@ -82,9 +84,8 @@ def test_evaluate_geometric_only(tmp_path, capsys):
     # Determinism: a second run gives identical numbers.
     out2 = tmp_path / "out2"
     assert evaluate.main(["--results", str(a), str(b), "--exemplars", builtin_spec(), "--out", str(out2),
-                          "--prompt", "a toy", *COMMON]) == 0
-    assert json.loads((out2 / "metrics.json").read_text())["methods"] == {
-        k: {**v} for k, v in rep["methods"].items()}
+                          "--prompt", "a toy", "--vgg", str(missing_vgg), *COMMON]) == 0
+    assert json.loads((out2 / "metrics.json").read_text())["methods"] == rep["methods"]
 
 
 @pytest.mark.torch

@@ -177,17 +177,23 @@ def load_models(args) -> Models:
 # Evaluation
 
 
-def _contextual(vgg, views: np.ndarray, ex_views: list[np.ndarray]) -> float:
+def _contextual_fn(vgg):
+    """Jitted ``(views [V,H,W,3], exemplar views [E,V,H,W,3]) -> mean_v min_e CX loss`` (relu3_4, h=0.5)."""
     import jax
     import jax.numpy as jnp
 
     from tsjax.metrics.vgg import contextual_loss
 
     module, variables = vgg
-    feat = jax.jit(lambda x: module.apply(variables, x)["relu3_4"])
-    fa = feat(jnp.asarray(views))
-    losses = [contextual_loss(fa, feat(jnp.asarray(e))) for e in ex_views]  # each [V]
-    return float(jnp.mean(jnp.min(jnp.stack(losses), axis=0)))
+
+    @jax.jit
+    def fn(views, ex_views):
+        fa = module.apply(variables, views)["relu3_4"]
+        fe = jax.vmap(lambda e: module.apply(variables, e)["relu3_4"])(ex_views)
+        losses = jax.lax.map(lambda f: contextual_loss(fa, f), fe)  # [E, V]
+        return jnp.mean(jnp.min(losses, axis=0))
+
+    return fn
 
 
 def evaluate(args) -> dict:
@@ -266,8 +272,10 @@ def evaluate(args) -> dict:
             elif ex is None:
                 res.append(MetricResult.not_computed("contextual_distance", no_ex))
             else:
-                res.append(MetricResult.ok("contextual_distance", _contextual(
-                    models.vgg, r["color"], [e["color"] for e in ex["renders"]])))
+                if "cx_fn" not in ex:
+                    ex["cx_fn"] = _contextual_fn(models.vgg)
+                    ex["stacked"] = np.stack([e["color"] for e in ex["renders"]])
+                res.append(MetricResult.ok("contextual_distance", float(ex["cx_fn"](r["color"], ex["stacked"]))))
             # CLIP
             prompt = args.prompt
             side = path.with_suffix(".txt")

@@ -154,3 +154,22 @@ def test_contextual_loss_shape_errors():
         contextual_loss(jnp.zeros((1, 2, 2, 3)), jnp.zeros((1, 2, 2, 4)))
     with pytest.raises(ValueError, match="must be"):
         contextual_loss(jnp.zeros((2, 3)), jnp.zeros((2, 3)))
+
+
+@pytest.mark.torch
+def test_image_contextual_loss_gradients(tmp_path):
+    from tsjax.metrics.vgg import image_contextual_loss
+
+    save_features(torch_vgg_features("vgg19"), tmp_path / "vgg19.pth")
+    module, variables = load_vgg(tmp_path / "vgg19.pth", "vgg19", ("relu3_4",))
+    assert set(variables["params"]) == {f"conv{b}_{i}" for b, n in ((1, 2), (2, 2), (3, 4)) for i in range(1, n + 1)}
+    rng = np.random.default_rng(4)
+    y = jnp.asarray(rng.uniform(0, 1, (2, 32, 32, 3)), jnp.float32)
+    x = jnp.asarray(rng.uniform(0, 1, (2, 32, 32, 3)), jnp.float32)
+    loss_fn = jax.jit(lambda a: jnp.sum(image_contextual_loss(module, variables, a, y)))
+    same = np.asarray(image_contextual_loss(module, variables, y, y))
+    assert np.all(np.abs(same) < 1e-3) and float(loss_fn(x)) > 2 * 1e-3
+    g = jax.grad(loss_fn)(x)
+    assert g.shape == x.shape and np.all(np.isfinite(np.asarray(g))) and float(jnp.abs(g).max()) > 0
+    # Descending the gradient lowers the loss.
+    assert float(loss_fn(x - 0.05 * g / jnp.abs(g).max())) < float(loss_fn(x))

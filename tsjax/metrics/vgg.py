@@ -210,3 +210,15 @@ def contextual_loss(fx: jax.Array, fy: jax.Array, h: float = 0.5, eps: float = 1
     contain a close match for every target feature. Jittable and differentiable w.r.t. both inputs.
     """
     return -jnp.log(contextual_similarity(fx, fy, h, eps) + eps)
+
+
+def image_contextual_loss(module: VGG, variables: dict, x: jax.Array, y: jax.Array, *,
+                          tap: str = "relu3_4", h: float = 0.5, eps: float = 1e-5) -> jax.Array:
+    """Contextual loss between images through one VGG tap: [B] float32.
+
+    ``x`` (generated) and ``y`` (target) are sRGB [B, H, W, 3] in [0, 1]; ``module`` must tap ``tap``
+    (e.g. ``load_vgg(path, "vgg19", ("relu3_4",))``). Gradients flow to ``x`` (and ``y``; wrap it in
+    ``jax.lax.stop_gradient`` for a fixed target). The relu3_4 map is H/4 x W/4, so memory grows as
+    (H*W/16)^2 per pair: 256 px -> 4096^2 similarity entries (64 MiB float32) per image pair.
+    """
+    return contextual_loss(module.apply(variables, x)[tap], module.apply(variables, y)[tap], h, eps)
