@@ -43,6 +43,13 @@ def test_voxelize_keeps_open_and_thin_surfaces():
     open_box = trimesh.creation.box((0.5, 0.5, 0.5))
     open_box.update_faces(open_box.face_normals[:, 1] < 0.9)  # remove the top
     assert voxelize(open_box, 32).sum() < 0.5 * 16 ** 3  # a hollow shell, not a solid
+    # A separate lid floating just above the opening (a crack narrower than a voxel, as between the
+    # parts of a low-poly kit model) is sealed by the closing; without it the box stays hollow.
+    lid = trimesh.creation.box((0.5, 0.001, 0.5))
+    lid.apply_translation((0, 0.25 + 2.2 / 32, 0))  # one empty voxel layer between walls and lid
+    cracked = trimesh.util.concatenate([open_box, lid])
+    assert 16 ** 3 <= voxelize(cracked, 32).sum() <= 16 * 16 * 19  # solid box + the sealed gap and lid
+    assert voxelize(cracked, 32, close_gaps=0).sum() < 0.5 * 16 ** 3
 
 
 def test_chamfer_identical_and_concentric():

@@ -6,7 +6,8 @@ docs/conventions.md); geometry outside the cube is clipped by the voxeliser. A m
 
 - ``voxelize``: solid occupancy of voxel centres on a res^3 grid over the unit cube: the surface is
   rasterised into a shell (dense barycentric point grids, spacing <= half a voxel), the cavities
-  enclosed by the shell are filled (``scipy.ndimage.binary_fill_holes``, 6-connected background), and
+  enclosed by the shell are filled (``scipy.ndimage.binary_fill_holes``, 6-connected background,
+  after a one-voxel morphological closing that seals cracks of non-watertight models), and
   shell voxels bordering that interior are kept when their centre is behind the nearest surface point
   (counter-clockwise = outward normals). Shell voxels not bordering an interior (open or thin
   sheets) stay occupied, so open meshes become one-voxel-thick shells.
@@ -63,29 +64,41 @@ def _surface_grid_points(v: np.ndarray, f: np.ndarray, spacing: float) -> tuple[
     return np.concatenate(pts, axis=0), np.concatenate(ids, axis=0)
 
 
-def voxelize(mesh, res: int = 64) -> np.ndarray:
+def voxelize(mesh, res: int = 64, close_gaps: int = 1) -> np.ndarray:
     """Solid occupancy grid [res, res, res] bool over [-0.5, 0.5]^3, indexed [x, y, z].
 
     Voxel (i, j, k) covers x in [-0.5 + i/res, -0.5 + (i+1)/res), etc. See the module docstring.
+    ``close_gaps``: the shell is dilated by this many voxels before the cavity fill and the filled
+    solid eroded back (a morphological closing), so cracks up to ~2 * close_gaps voxels wide between
+    the parts of a non-watertight low-poly model do not leave it hollow; 0 disables it.
     """
     if res < 2:
         raise ValueError(f"voxel resolution must be >= 2, got {res}")
+    if close_gaps < 0:
+        raise ValueError(f"close_gaps must be >= 0, got {close_gaps}")
     v, f = mesh_arrays(mesh)
     pitch = 1.0 / res
     pts, fid = _surface_grid_points(v, f, 0.5 * pitch)
     idx = np.clip(np.floor((pts + 0.5) / pitch).astype(np.int64), 0, res - 1)
-    shell = np.zeros((res + 2,) * 3, bool)  # one empty voxel of margin so the outside is connected
-    shell[idx[:, 0] + 1, idx[:, 1] + 1, idx[:, 2] + 1] = True
-    filled = ndimage.binary_fill_holes(shell)
+    m = close_gaps + 1  # empty margin so the outside stays connected around the dilated shell
+    shell = np.zeros((res + 2 * m,) * 3, bool)
+    shell[idx[:, 0] + m, idx[:, 1] + m, idx[:, 2] + m] = True
+    cross = ndimage.generate_binary_structure(3, 1)
+    if close_gaps:
+        grown = ndimage.binary_dilation(shell, cross, iterations=close_gaps)
+        filled = ndimage.binary_erosion(ndimage.binary_fill_holes(grown), cross, iterations=close_gaps)
+    else:
+        filled = ndimage.binary_fill_holes(shell)
     interior = filled & ~shell
+    crop = (slice(m, -m),) * 3
     if not interior.any():
-        return shell[1:-1, 1:-1, 1:-1]  # open or thin surface: keep the shell
+        return shell[crop]  # open or thin surface: keep the shell
     # Shell voxels next to an enclosed interior are kept only if their centre lies behind the nearest
     # surface point (outward = counter-clockwise face normal); elsewhere (thin sheets) they are kept.
     # (2 voxels: a surface lying on voxel boundaries marks both neighbours, making the shell 2 thick)
     near_interior = ndimage.binary_dilation(interior, structure=np.ones((3, 3, 3), bool), iterations=2)
     test = np.argwhere(shell & near_interior)
-    centres = (test - 1 + 0.5) * pitch - 0.5
+    centres = (test - m + 0.5) * pitch - 0.5
     tri = v[f]
     normals = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
     normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-30)
@@ -96,7 +109,7 @@ def voxelize(mesh, res: int = 64) -> np.ndarray:
     inside = side < 0
     occ = interior | (shell & ~near_interior)
     occ[tuple(test[inside].T)] = True
-    return occ[1:-1, 1:-1, 1:-1]
+    return occ[crop]
 
 
 def voxel_iou(a, b, res: int = 64) -> float:
