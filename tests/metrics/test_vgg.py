@@ -147,6 +147,10 @@ def test_contextual_loss_gradients_and_determinism():
     assert np.all(np.isfinite(np.asarray(g1)))
     np.testing.assert_array_equal(np.asarray(g1), np.asarray(g2))
     np.testing.assert_array_equal(np.asarray(contextual_loss(fx, fy)), np.asarray(contextual_loss(fx, fy)))
+    # Degenerate inputs (all-equal features, e.g. blank renders) keep finite gradients.
+    z = jnp.zeros((1, 3, 3, 4))
+    gz = jax.grad(f)(z, z)
+    assert np.all(np.isfinite(np.asarray(gz))) and np.isfinite(float(f(z, z)))
 
 
 def test_contextual_loss_shape_errors():

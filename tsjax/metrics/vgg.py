@@ -171,6 +171,11 @@ def _flatten(f: jax.Array) -> jax.Array:
     return f.reshape(f.shape[0], -1, f.shape[-1])
 
 
+def _unit(v: jax.Array) -> jax.Array:
+    """Unit-normalise the last axis; zero vectors stay zero with finite (zero-norm-safe) gradients."""
+    return v * jax.lax.rsqrt(jnp.maximum(jnp.sum(v * v, axis=-1, keepdims=True), 1e-24))
+
+
 def contextual_similarity(fx: jax.Array, fy: jax.Array, h: float = 0.5, eps: float = 1e-5) -> jax.Array:
     """Contextual similarity CX(X, Y) per batch element, in (0, 1].
 
@@ -194,8 +199,7 @@ def contextual_similarity(fx: jax.Array, fy: jax.Array, h: float = 0.5, eps: flo
         raise ValueError(f"contextual features disagree: fx {fx.shape} vs fy {fy.shape} (batch, channels)")
     mu = jnp.mean(y, axis=1, keepdims=True)
     x, y = x - mu, y - mu
-    x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-    y = y / jnp.maximum(jnp.linalg.norm(y, axis=-1, keepdims=True), 1e-12)
+    x, y = _unit(x), _unit(y)
     d = 1.0 - jnp.einsum("bic,bjc->bij", x, y)  # [B, Nx, Ny]
     d_rel = d / (jnp.min(d, axis=2, keepdims=True) + eps)
     # exp((1 - d~)/h) normalised over j == softmax over j of (-d~/h): numerically safe form.
