@@ -126,3 +126,38 @@ def test_camera_dropout_zeroes_whole_samples():
     state, m = step(state, {"latents": lat, "context": ctx, "camera": cam}, jax.random.key(0))
     np.testing.assert_array_equal(before, np.asarray(state.params["unet"]["camera_embed"]["kernel"]))
     assert float(m["grad_norm"]) == 0.0
+
+
+def test_vae_step_lowers_reconstruction_error():
+    from tsjax.diffusion.train import TrainState, make_vae_step
+
+    class AE(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return self.decode(self.encode(x)[0])
+
+        def setup(self):
+            self.enc = nn.Conv(8, (2, 2), strides=(2, 2))
+            self.dec = nn.ConvTranspose(3, (2, 2), strides=(2, 2))
+
+        def encode(self, x):
+            h = self.enc(x)
+            return h[..., :4], h[..., 4:]
+
+        def decode(self, z):
+            return self.dec(z)
+
+    ae = AE()
+    imgs = jnp.tanh(jax.random.normal(jax.random.key(0), (4, 8, 8, 3)))
+    params = ae.init(jax.random.key(1), imgs, method=AE.encode)
+    params = ae.init(jax.random.key(1), jnp.zeros((1, 4, 4, 4)), method=AE.decode)["params"] | params["params"]
+    enc = lambda p, x: ae.apply({"params": p}, x, method=AE.encode)  # noqa: E731
+    dec = lambda p, z: ae.apply({"params": p}, z, method=AE.decode)  # noqa: E731
+    opt = optax.adam(1e-2)
+    state = TrainState(params=params, opt_state=opt.init(params), step=jnp.zeros((), jnp.int32))
+    step = make_vae_step(enc, dec, opt)
+    first = None
+    for _ in range(200):
+        state, m = step(state, imgs, jax.random.key(2))
+        first = float(m["recon"]) if first is None else first
+    assert float(m["recon"]) < 0.3 * first, (first, float(m["recon"]))

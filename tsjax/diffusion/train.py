@@ -44,6 +44,8 @@ __all__ = [
     "merge_params",
     "lora_only",
     "full_finetune",
+    "make_denoise_loss",
+    "make_vae_step",
 ]
 
 Path = tuple[str, ...]
@@ -237,3 +239,37 @@ def make_denoise_loss(
         return jnp.mean(jax.lax.map(one, jax.random.split(key, n_draws)))
 
     return jax.jit(loss)
+
+
+def make_vae_step(
+    vae_encode: Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]],
+    vae_decode: Callable[[Any, jax.Array], jax.Array],
+    optimizer: optax.GradientTransformation,
+    *,
+    kl_weight: float = 1e-6,
+) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict]]:
+    """Jitted, donated autoencoder step for training a tiny VAE from scratch (CPU preset).
+
+    ``state.params`` is the VAE param dict (all trainable). Loss = mean squared reconstruction error of
+    ``decode(mean + std * eps)`` against the input images ``[B,H,W,3]`` in [-1, 1], plus ``kl_weight``
+    times the mean KL of the diagonal-Gaussian posterior to N(0, I) (as in SD's VAE, tiny weight).
+    Returns ``step(state, images, key) -> (state, {"loss", "recon", "kl"})``.
+    """
+
+    def loss_fn(params, images, key):
+        mean, logvar = vae_encode(params, images)
+        logvar = jnp.clip(logvar, -30.0, 20.0)
+        z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+        recon = jnp.mean(jnp.square(vae_decode(params, z) - images))
+        kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
+        return recon + kl_weight * kl, (recon, kl)
+
+    def step(state: TrainState, images: jax.Array, key: jax.Array):
+        k = jax.random.fold_in(key, state.step)
+        (loss, (recon, kl)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, images, k)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(params=params, opt_state=opt_state, step=state.step + 1), {
+            "loss": loss, "recon": recon, "kl": kl}
+
+    return jax.jit(step, donate_argnums=(0,))
