@@ -21,15 +21,20 @@ Images are NHWC float32; latents are ``[B, H/8, W/8, 4]`` already multiplied by 
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import os
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tsjax.diffusion.schedulers import DDIMScheduler, DDPMScheduler
+from tsjax.diffusion.schedulers import DDIMScheduler, DDPMScheduler, scheduler_from_config
 
-__all__ = ["img2img_start", "make_sampler", "cfg_combine", "generate", "encode_prompts"]
+__all__ = ["img2img_start", "make_sampler", "cfg_combine", "generate", "encode_prompts", "DiffusionModel",
+           "load_model", "save_model", "tiny_model", "tiny_tokenizer"]
 
 DenoiseFn = Callable[..., jax.Array]
 
@@ -202,3 +207,227 @@ def generate(
     decode = jax.jit(lambda p, z: model.vae_decode(p, z / model.scaling_factor))
     images = decode(params["vae"], latents)
     return np.asarray(jnp.clip(images * 0.5 + 0.5, 0.0, 1.0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Model bundle: load a diffusers folder, a tsjax-saved folder or a tiny random model; save back
+# ----------------------------------------------------------------------------------------------
+
+TSJAX_MODEL_FILE = "tsjax_model.json"
+TSJAX_PARAMS_FILE = "params.msgpack"
+
+
+def tiny_tokenizer(max_length: int = 77):
+    """A byte-level CLIP tokenizer needing no downloaded vocabulary (for ``tiny`` random models).
+
+    Vocabulary: the 256 byte symbols of CLIP's byte-to-unicode map, the same with the ``</w>``
+    word-end marker, then ``<|startoftext|>`` (512) and ``<|endoftext|>`` (513); no BPE merges, so every
+    character is one token. It is a genuine ``transformers.CLIPTokenizer`` and saves/loads as one.
+    """
+    import json
+    import tempfile
+
+    from transformers import CLIPTokenizer
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+    syms = list(bytes_to_unicode().values())
+    vocab = syms + [s + "</w>" for s in syms] + ["<|startoftext|>", "<|endoftext|>"]
+    with tempfile.TemporaryDirectory() as d:
+        with open(f"{d}/vocab.json", "w") as fh:
+            json.dump({t: i for i, t in enumerate(vocab)}, fh)
+        with open(f"{d}/merges.txt", "w") as fh:
+            fh.write("#version: 0.2\n")
+        return CLIPTokenizer(f"{d}/vocab.json", f"{d}/merges.txt", model_max_length=max_length)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionModel:
+    """A latent text-to-image model: Flax modules, their configs and params, tokenizer, scheduler.
+
+    ``params`` is ``{"unet": ..., "vae": ..., "text_encoder": ...}`` (float32). The methods are pure
+    functions of explicit params so they can be used inside ``jit``/``grad``:
+    ``unet_apply(p, x [B,h,w,4], t [B], ctx [B,L,D], camera [B,16] | None)``,
+    ``encode_text(p, ids [B,L]) -> [B,L,D]``, ``vae_encode(p, x [B,H,W,3] in [-1,1]) -> (mean, logvar)``,
+    ``vae_decode(p, z) -> [B,H,W,3]`` in [-1, 1] (``z`` unscaled latents).
+    """
+
+    unet_config: Any
+    vae_config: Any
+    text_config: Any
+    scheduler_config: dict
+    tokenizer: Any
+    params: dict
+    source: str = ""
+
+    # modules are rebuilt from the (hashable, frozen) configs
+    @functools.cached_property
+    def unet(self):
+        from tsjax.diffusion.unet import UNet2DConditionModel
+
+        return UNet2DConditionModel(self.unet_config)
+
+    @functools.cached_property
+    def vae(self):
+        from tsjax.diffusion.vae import AutoencoderKL
+
+        return AutoencoderKL(self.vae_config)
+
+    @functools.cached_property
+    def text_encoder(self):
+        from tsjax.diffusion.clip_text import CLIPTextModel
+
+        return CLIPTextModel(self.text_config)
+
+    @functools.cached_property
+    def scheduler(self) -> DDIMScheduler | DDPMScheduler:
+        return scheduler_from_config(self.scheduler_config)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae_config.scaling_factor)
+
+    @property
+    def latent_factor(self) -> int:
+        return 2 ** (len(self.vae_config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet_config.in_channels)
+
+    @property
+    def sample_size(self) -> int:
+        return int(self.unet_config.sample_size)
+
+    @property
+    def max_length(self) -> int:
+        return int(min(self.tokenizer.model_max_length, self.text_config.max_position_embeddings))
+
+    def tokenize(self, prompts: Sequence[str]) -> jax.Array:
+        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
+                             return_tensors="np").input_ids
+        return jnp.asarray(ids, jnp.int32)
+
+    def encode_text(self, params, ids):
+        return self.text_encoder.apply({"params": params}, ids)[0]
+
+    def unet_apply(self, params, x, t, ctx, camera=None, **kw):
+        if camera is not None and getattr(self.unet_config, "camera_embed_dim", None) is None:
+            camera = None  # a model without camera embedding ignores the camera condition
+        return self.unet.apply({"params": params}, x, t, ctx, camera, **kw)
+
+    def vae_encode(self, params, x):
+        return self.vae.apply({"params": params}, x, method=self.vae.encode)
+
+    def vae_decode(self, params, z):
+        return self.vae.apply({"params": params}, z, method=self.vae.decode)
+
+
+def _config_dict(cfg) -> dict:
+    d = dataclasses.asdict(cfg)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _config_from(cls, d: dict):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in fields}
+    return cls(**kw)
+
+
+def save_model(model: DiffusionModel, out_dir: str | os.PathLike, params: dict | None = None) -> Path:
+    """Save a model (optionally with other ``params``) as a tsjax folder :func:`load_model` reads.
+
+    Layout: ``tsjax_model.json`` (the three module configs + the scheduler config), ``params.msgpack``
+    (``flax.serialization`` of ``{"unet", "vae", "text_encoder"}``) and ``tokenizer/``.
+    """
+    import json
+
+    from flax import serialization
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    params = model.params if params is None else params
+    meta = {"format": "tsjax-diffusion-v1", "unet": _config_dict(model.unet_config),
+            "vae": _config_dict(model.vae_config), "text_encoder": _config_dict(model.text_config),
+            "scheduler": dict(model.scheduler_config), "source": model.source}
+    (out / TSJAX_MODEL_FILE).write_text(json.dumps(meta, indent=1, default=str))
+    host = jax.tree_util.tree_map(np.asarray, {k: params[k] for k in ("unet", "vae", "text_encoder")})
+    (out / TSJAX_PARAMS_FILE).write_bytes(serialization.msgpack_serialize(host))
+    model.tokenizer.save_pretrained(str(out / "tokenizer"))
+    return out
+
+
+TINY_SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+                  "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
+                  "set_alpha_to_one": False, "steps_offset": 1, "prediction_type": "epsilon"}
+
+
+def tiny_model(seed: int = 0, *, camera: bool = False) -> DiffusionModel:
+    """A small randomly initialised model for CPU runs and tests (``--model tiny`` / ``tiny-camera``).
+
+    Uses ``UNetConfig.tiny()``, ``VAEConfig.tiny()``, ``CLIPTextConfig.tiny()`` of the model modules,
+    the byte-level :func:`tiny_tokenizer` and Stable Diffusion's DDIM schedule.
+    """
+    from tsjax.diffusion.clip_text import CLIPTextConfig
+    from tsjax.diffusion.unet import UNetConfig
+    from tsjax.diffusion.vae import VAEConfig
+
+    ucfg = UNetConfig.tiny()
+    if camera:
+        ucfg = dataclasses.replace(ucfg, camera_embed_dim=16)
+    tcfg = CLIPTextConfig.tiny()
+    vcfg = VAEConfig.tiny()
+    tok = tiny_tokenizer(int(tcfg.max_position_embeddings))
+    shell = DiffusionModel(ucfg, vcfg, tcfg, dict(TINY_SCHEDULER), tok, {}, source=f"tiny:{seed}")
+    ku, kv, kt = jax.random.split(jax.random.key(seed), 3)
+    f = shell.latent_factor
+    s = ucfg.sample_size
+    ids = jnp.zeros((1, shell.max_length), jnp.int32)
+    ctx = jnp.zeros((1, shell.max_length, int(ucfg.cross_attention_dim)))
+    cam = jnp.zeros((1, 16)) if camera else None
+    params = {
+        "unet": shell.unet.init(ku, jnp.zeros((1, s, s, ucfg.in_channels)), jnp.zeros((1,), jnp.int32), ctx,
+                                cam)["params"],
+        "vae": shell.vae.init(kv, jnp.zeros((1, s * f, s * f, 3)))["params"],
+        "text_encoder": shell.text_encoder.init(kt, ids)["params"],
+    }
+    return dataclasses.replace(shell, params=params)
+
+
+def load_model(spec: str) -> DiffusionModel:
+    """Load ``spec``: ``tiny`` / ``tiny:SEED`` / ``tiny-camera[:SEED]`` (random tiny model), a folder
+    written by :func:`save_model`, or a diffusers Stable Diffusion folder (``model_index.json`` with
+    ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``). Never touches the network.
+    """
+    import json
+
+    from flax import serialization
+
+    name, _, seed = spec.partition(":")
+    if name in ("tiny", "tiny-camera"):
+        if seed and not seed.isdigit():
+            raise ValueError(f"--model {spec}: the seed after ':' must be an integer")
+        return tiny_model(int(seed or 0), camera=name == "tiny-camera")
+    root = Path(spec)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--model {spec}: no such directory (or use 'tiny')")
+    if (root / TSJAX_MODEL_FILE).is_file():
+        from tsjax.diffusion.clip_text import CLIPTextConfig, load_tokenizer
+        from tsjax.diffusion.unet import UNetConfig
+        from tsjax.diffusion.vae import VAEConfig
+
+        meta = json.loads((root / TSJAX_MODEL_FILE).read_text())
+        pfile = root / TSJAX_PARAMS_FILE
+        if not pfile.is_file():
+            raise FileNotFoundError(f"{pfile}: missing parameter file of the tsjax model folder")
+        params = serialization.msgpack_restore(pfile.read_bytes())
+        params = jax.tree_util.tree_map(jnp.asarray, params)
+        return DiffusionModel(_config_from(UNetConfig, meta["unet"]), _config_from(VAEConfig, meta["vae"]),
+                              _config_from(CLIPTextConfig, meta["text_encoder"]), meta["scheduler"],
+                              load_tokenizer(str(root / "tokenizer")), params, source=str(root))
+    if (root / "model_index.json").is_file():
+        from tsjax.diffusion.convert import load_pipeline
+
+        pipe = load_pipeline(str(root))
+        return _from_pipeline(pipe, str(root))
+    raise FileNotFoundError(f"--model {spec}: neither a diffusers folder (model_index.json) nor a tsjax "
+                            f"model folder ({TSJAX_MODEL_FILE})")

@@ -1,0 +1,245 @@
+"""Benchmark tsjax's Flax UNet/VAE against diffusers PyTorch with the SAME weights (JSON lines).
+
+    python bench/diffusion.py [--configs mid,sd21-base] [--threads 1] [--iters 3] [--out bench.jsonl]
+
+For each config the parent process builds the diffusers PyTorch model with a fixed seed and
+``save_pretrained``s it to a temporary folder; every measurement then runs in its own fresh
+subprocess that loads those weights (PyTorch: ``from_pretrained``; tsjax: ``tsjax.diffusion.convert``)
+so that each peak-memory figure belongs to that measurement alone. Peak memory is the process's
+resident-set high-water mark ``VmHWM`` from ``/proc/self/status`` (it sees XLA's and PyTorch's native
+allocations, which ``tracemalloc``/``getrusage`` do not), read at the end of the worker, minus nothing:
+it includes the interpreter and the loaded weights.
+
+Measurements (``kind``): ``unet_fwd`` (UNet forward), ``unet_fwd_bwd`` (forward + gradient of
+``mean(out^2)`` w.r.t. all UNet params), ``vae_enc_bwd`` (VAE encoder forward + gradient of
+``mean(mean_latent^2)`` w.r.t. the VAE params). ``compile_s``: tsjax ``jit`` lower+compile time (for
+PyTorch, eager, the first call's extra time over a steady call); ``step_s``: median of ``--iters``
+steady-state calls. Both frameworks get the same number of CPU threads (``--threads``). A summary line
+per (config, kind) gives ``ratio = tsjax step_s / torch step_s``. A config is skipped, with the reason
+recorded, when the machine's available memory is below its estimated need.
+
+Configs: ``mid`` = UNet blocks 128/256/512 (cross-attn dim 768, 32x32 latents, batch 2) and VAE
+blocks 128/256/512 (128x128 images -> 32x32 latents, batch 2); ``sd21-base`` = Stable Diffusion
+2.1-base UNet (320/640/1280/1280, heads 5/10/20/20, linear projection, cross-attn dim 1024, 64x64
+latents) and VAE (128/256/512/512, 512x512 images), batch 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CONFIGS = {
+    "mid": dict(
+        batch=2, seq=77,
+        unet=dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
+                  block_out_channels=(128, 256, 512),
+                  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                  cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32),
+        vae=dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512),
+                 down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                 layers_per_block=2, norm_num_groups=32, sample_size=128),
+        need_gb=6,
+    ),
+    "sd21-base": dict(
+        batch=1, seq=77,
+        unet=dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                  block_out_channels=(320, 640, 1280, 1280),
+                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                  cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+                  norm_num_groups=32),
+        vae=dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                 layers_per_block=2, norm_num_groups=32, sample_size=512),
+        need_gb=18,
+    ),
+}
+KINDS = ("unet_fwd", "unet_fwd_bwd", "vae_enc_bwd")
+
+
+def vm_hwm_mb() -> float:
+    """Resident-set high-water mark of this process in MiB (``VmHWM`` of /proc/self/status)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def available_gb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024.0**2
+    return float("nan")
+
+
+def build_weights(name: str, root: Path) -> None:
+    """Create the seeded diffusers models of config ``name`` and save them under ``root/{unet,vae}``."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    cfg = CONFIGS[name]
+    torch.manual_seed(0)
+    UNet2DConditionModel(**cfg["unet"]).save_pretrained(root / "unet")
+    torch.manual_seed(1)
+    AutoencoderKL(**cfg["vae"]).save_pretrained(root / "vae")
+
+
+def _inputs(name: str):
+    import numpy as np
+
+    cfg = CONFIGS[name]
+    B, s = cfg["batch"], cfg["unet"]["sample_size"]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((B, s, s, 4)).astype(np.float32)
+    t = np.array([500 + 100 * i for i in range(B)], np.int64)
+    ctx = rng.standard_normal((B, cfg["seq"], cfg["unet"]["cross_attention_dim"])).astype(np.float32)
+    H = cfg["vae"]["sample_size"]
+    img = np.tanh(rng.standard_normal((B, H, H, 3))).astype(np.float32)
+    return x, t, ctx, img
+
+
+def _time(fn, iters):
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def worker_torch(name: str, kind: str, root: Path, iters: int, threads: int) -> dict:
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.set_num_threads(threads)
+    x, t, ctx, img = _inputs(name)
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    if kind.startswith("unet"):
+        m = UNet2DConditionModel.from_pretrained(root / "unet")
+
+        def run():
+            if kind == "unet_fwd":
+                with torch.no_grad():
+                    m(xt, torch.from_numpy(t), torch.from_numpy(ctx)).sample
+            else:
+                m.zero_grad(set_to_none=True)
+                m(xt, torch.from_numpy(t), torch.from_numpy(ctx)).sample.square().mean().backward()
+    else:
+        m = AutoencoderKL.from_pretrained(root / "vae")
+        it = torch.from_numpy(img).permute(0, 3, 1, 2).contiguous()
+
+        def run():
+            m.zero_grad(set_to_none=True)
+            m.encode(it).latent_dist.mean.square().mean().backward()
+    t0 = time.perf_counter()
+    run()
+    first = time.perf_counter() - t0
+    step = _time(run, iters)
+    return {"compile_s": max(first - step, 0.0), "step_s": step}
+
+
+def worker_jax(name: str, kind: str, root: Path, iters: int, threads: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from tsjax.diffusion import convert
+
+    x, t, ctx, img = _inputs(name)
+    if kind.startswith("unet"):
+        module, params = convert.load_unet(str(root / "unet"))
+
+        def loss(p):
+            return jnp.mean(jnp.square(module.apply({"params": p}, x, jnp.asarray(t, jnp.int32), ctx)))
+
+        f = jax.jit(lambda p: module.apply({"params": p}, x, jnp.asarray(t, jnp.int32), ctx)) \
+            if kind == "unet_fwd" else jax.jit(jax.grad(loss))
+    else:
+        module, params = convert.load_vae(str(root / "vae"))
+
+        def loss(p):
+            mean, _ = module.apply({"params": p}, img, method=module.encode)
+            return jnp.mean(jnp.square(mean))
+
+        f = jax.jit(jax.grad(loss))
+    t0 = time.perf_counter()
+    compiled = f.lower(params).compile()
+    compile_s = time.perf_counter() - t0
+    jax.block_until_ready(compiled(params))  # first call (allocations)
+    step = _time(lambda: jax.block_until_ready(compiled(params)), iters)
+    return {"compile_s": compile_s, "step_s": step}
+
+
+def run_worker(argv) -> None:
+    fw, name, kind, root, iters, threads = argv[0], argv[1], argv[2], Path(argv[3]), int(argv[4]), int(argv[5])
+    res = (worker_jax if fw == "tsjax" else worker_torch)(name, kind, root, iters, threads)
+    res.update(framework=fw, config=name, kind=kind, peak_rss_mb=round(vm_hwm_mb(), 1), threads=threads,
+               iters=iters)
+    print("RESULT " + json.dumps(res))
+
+
+def main(argv=None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "--worker":
+        run_worker(argv[1:])
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--configs", default="mid,sd21-base")
+    ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    args = ap.parse_args(argv)
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        f" --xla_cpu_multi_thread_eigen={'true' if args.threads > 1 else 'false'}").strip()
+    env["OMP_NUM_THREADS"] = str(args.threads)
+    env["JAX_PLATFORMS"] = "cpu"
+    lines = []
+
+    def emit(rec):
+        line = json.dumps(rec)
+        print(line, flush=True)
+        lines.append(line)
+
+    for name in args.configs.split(","):
+        cfg = CONFIGS[name]
+        avail = available_gb()
+        if avail < cfg["need_gb"]:
+            emit({"config": name, "skipped": f"needs ~{cfg['need_gb']} GB free, {avail:.1f} GB available"})
+            continue
+        with tempfile.TemporaryDirectory() as d:
+            build_weights(name, Path(d))
+            iters = args.iters if name == "mid" else 1
+            for kind in args.kinds.split(","):
+                res = {}
+                for fw in ("tsjax", "torch"):
+                    proc = subprocess.run([sys.executable, __file__, "--worker", fw, name, kind, d, str(iters),
+                                           str(args.threads)], capture_output=True, text=True, env=env)
+                    out = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+                    if proc.returncode or not out:
+                        emit({"config": name, "kind": kind, "framework": fw,
+                              "error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]})
+                        continue
+                    res[fw] = json.loads(out[-1][7:])
+                    emit(res[fw])
+                if len(res) == 2:
+                    emit({"config": name, "kind": kind, "summary": True,
+                          "ratio_step_tsjax_over_torch": round(res["tsjax"]["step_s"] / res["torch"]["step_s"], 3),
+                          "ratio_peak_rss": round(res["tsjax"]["peak_rss_mb"] / res["torch"]["peak_rss_mb"], 3)})
+    if args.out:
+        with open(args.out, "a") as fh:
+            fh.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
