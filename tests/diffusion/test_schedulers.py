@@ -82,14 +82,11 @@ def test_ddpm_parity(variance_type, pred):
     x, out = _rand((2, 4, 8, 8), 3), _rand((2, 4, 8, 8), 4)
     # full 1000-step chain (no set_timesteps): prev_t = t - 1
     for t in (999, 500, 1, 0):
-        vn = _rand(out.shape, 20 + t)
-        g = torch.Generator().manual_seed(0)
-        # diffusers draws its own noise; reproduce it with the same generator
+        # diffusers draws its own noise; reproduce it with an identically seeded generator
         vn_t = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
-        r = ref.step(torch.from_numpy(out), t, torch.from_numpy(x), generator=g)
+        r = ref.step(torch.from_numpy(out), t, torch.from_numpy(x), generator=torch.Generator().manual_seed(0))
         o = ours.step(jnp.asarray(out), jnp.int32(t), jnp.asarray(x), variance_noise=jnp.asarray(vn_t.numpy()))
         np.testing.assert_allclose(np.asarray(o.prev_sample), r.prev_sample.numpy(), atol=2e-6)
-        del vn
     # 20-step leading schedule: prev_t = next entry of the table
     ref.set_timesteps(20)
     ts = ours.set_timesteps(20)
@@ -135,3 +132,25 @@ def test_config_errors_and_class_dispatch():
     assert isinstance(scheduler_from_config({"_class_name": "DDPMScheduler"}), DDPMScheduler)
     pndm = scheduler_from_config({"_class_name": "PNDMScheduler", **SD_CFG})
     assert isinstance(pndm, DDIMScheduler) and pndm.clip_sample is False
+
+
+@pytest.mark.torch
+def test_ddpm_trailing_schedule_uses_next_table_entry():
+    import torch
+    from diffusers import DDPMScheduler as TDDPM
+
+    cfg = dict(SD_CFG, timestep_spacing="trailing")
+    cfg.pop("set_alpha_to_one")
+    ref = TDDPM(**cfg)
+    ours = DDPMScheduler.from_config(dict(ref.config))
+    ref.set_timesteps(7)
+    ts = ours.set_timesteps(7)
+    np.testing.assert_array_equal(ts, ref.timesteps.numpy())
+    x, out = _rand((1, 4, 4, 4), 5), _rand((1, 4, 4, 4), 6)
+    prev = np.concatenate([ts[1:], [-1]])
+    for i in range(len(ts)):
+        vn = torch.randn(out.shape, generator=torch.Generator().manual_seed(i))
+        r = ref.step(torch.from_numpy(out), int(ts[i]), torch.from_numpy(x), generator=torch.Generator().manual_seed(i))
+        o = ours.step(jnp.asarray(out), int(ts[i]), jnp.asarray(x), prev_t=int(prev[i]),
+                      variance_noise=jnp.asarray(vn.numpy()))
+        np.testing.assert_allclose(np.asarray(o.prev_sample), r.prev_sample.numpy(), atol=2e-6)
