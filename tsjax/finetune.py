@@ -98,6 +98,8 @@ def _add_camera_embedding(model, key):
 
     from tsjax.diffusion.sampling import DiffusionModel
 
+    if not any(f.name == "camera_embed_dim" for f in dataclasses.fields(model.unet_config)):
+        raise ValueError(f"--camera-json: the UNet of {model.source} has no camera_embed_dim option")
     ucfg = dataclasses.replace(model.unet_config, camera_embed_dim=16)
     shell = DiffusionModel(ucfg, model.vae_config, model.text_config, model.scheduler_config, model.tokenizer,
                            {}, model.source)
