@@ -1,0 +1,203 @@
+"""Triangle rasterization with nvdiffrast-like output and gradients w.r.t. clip-space positions.
+
+Conventions (docs/conventions.md):
+  * Input ``pos_clip [B, V, 4]`` (or ``[V, 4]``, then B = 1) in OpenGL clip space; ``tris [F, 3]`` int32.
+  * Output ``rast [B, H, W, 4]`` float32 = (u, v, z/w, triangle_id + 1); the last channel is 0 where no
+    triangle covers the pixel. Barycentrics are perspective-correct and an attribute interpolates as
+    ``u * a0 + v * a1 + (1 - u - v) * a2``.
+  * Row 0 is the TOP of the image: pixel (i, j) samples NDC x = (2j + 1)/W - 1, y = 1 - (2i + 1)/H.
+  * Coverage rule: a pixel centre is covered when all three screen-space barycentrics are >= 0
+    (both windings are rasterized, no culling). Depth test: smallest z/w wins; equal depths go to the
+    smaller triangle id. Only z/w in [-1, 1] is kept (near/far clipping per pixel). Triangles with any
+    vertex at w <= 1e-8 (behind the camera) or with a screen-space area below 1e-12 are never drawn
+    (no geometric near-plane clipping: keep geometry in front of the near plane).
+
+Gradients: triangle ids are piecewise constant and carry no gradient (``stop_gradient``). The (u, v,
+z/w) channels are recomputed differentiably in JAX from the ids and ``pos_clip``
+(:func:`barycentrics_from_ids`), so gradients reach vertex positions through the interior of
+triangles; silhouette (visibility) gradients come from :func:`tsjax.ops.antialias`.
+
+Backends:
+  * ``"ref"``        pure JAX, chunked over triangles (memory ~ H*W*chunk), exact but O(H*W*F).
+  * ``"ffi"``        the C++ (CPU) / CUDA kernel from ``csrc/`` as an XLA FFI custom call.
+  * ``"auto"``       ``"ffi"`` when the compiled library is available for the platform, else ``"ref"``.
+  * ``"nvdiffrast"`` optional, through DLPack and torch; only when nvdiffrast and CUDA are importable.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+__all__ = ["rasterize", "barycentrics_from_ids", "pixel_centers", "MAX_RESOLUTION"]
+
+MAX_RESOLUTION = 16384
+_W_EPS = 1e-8
+_AREA_EPS = 1e-12
+
+
+def pixel_centers(h: int, w: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """NDC coordinates of pixel centres: x [H, W] (left to right), y [H, W] (top = +1)."""
+    xs = (2.0 * jnp.arange(w, dtype=jnp.float32) + 1.0) / w - 1.0
+    ys = 1.0 - (2.0 * jnp.arange(h, dtype=jnp.float32) + 1.0) / h
+    return jnp.broadcast_to(xs[None, :], (h, w)), jnp.broadcast_to(ys[:, None], (h, w))
+
+
+def _screen_bary(p0, p1, p2, px, py):
+    """Screen-space barycentrics of points (px, py) w.r.t. 2D triangles p0, p1, p2 (broadcasting).
+
+    Returns (b0, b1, b2, area) where area is twice the signed area.
+    """
+    area = (p1[..., 0] - p0[..., 0]) * (p2[..., 1] - p0[..., 1]) - (p1[..., 1] - p0[..., 1]) * (p2[..., 0] - p0[..., 0])
+    safe = jnp.where(jnp.abs(area) > _AREA_EPS, area, 1.0)
+    e0 = (p1[..., 0] - px) * (p2[..., 1] - py) - (p1[..., 1] - py) * (p2[..., 0] - px)
+    e1 = (p2[..., 0] - px) * (p0[..., 1] - py) - (p2[..., 1] - py) * (p0[..., 0] - px)
+    b0 = e0 / safe
+    b1 = e1 / safe
+    return b0, b1, 1.0 - b0 - b1, area
+
+
+def _validate(pos_clip, tris, resolution):
+    if not isinstance(resolution, (tuple, list)) or len(resolution) != 2:
+        raise ValueError(f"rasterize: resolution must be (H, W), got {resolution!r}")
+    h, w = (int(r) for r in resolution)
+    if not (0 < h <= MAX_RESOLUTION and 0 < w <= MAX_RESOLUTION):
+        raise ValueError(f"rasterize: resolution {h}x{w} out of range (1..{MAX_RESOLUTION} per side)")
+    if pos_clip.ndim not in (2, 3) or pos_clip.shape[-1] != 4:
+        raise ValueError(f"rasterize: pos_clip must be [V,4] or [B,V,4], got shape {tuple(pos_clip.shape)}")
+    if tris.ndim != 2 or tris.shape[-1] != 3:
+        raise ValueError(f"rasterize: tris must be [F,3], got shape {tuple(tris.shape)}")
+    if not jnp.issubdtype(tris.dtype, jnp.integer):
+        raise ValueError(f"rasterize: tris must be an integer array, got {tris.dtype}")
+    nv = pos_clip.shape[-2]
+    if not isinstance(tris, jax.core.Tracer) and tris.size:
+        t = np.asarray(tris)
+        if t.min() < 0 or t.max() >= nv:
+            raise ValueError(f"rasterize: triangle indices out of range [0, {nv}) (min {t.min()}, max {t.max()})")
+    if not isinstance(pos_clip, jax.core.Tracer):
+        if not np.all(np.isfinite(np.asarray(pos_clip))):
+            raise ValueError("rasterize: pos_clip contains NaN or inf")
+    return h, w
+
+
+def _triangle_setup(pc, tris):
+    """Per-triangle NDC vertices [F,3,3] and validity [F] for one view's clip positions pc [V,4]."""
+    tri = pc[tris]  # [F, 3, 4]
+    wv = tri[..., 3]
+    ok_w = jnp.all(wv > _W_EPS, axis=-1)
+    ndc = tri[..., :3] / jnp.where(ok_w[:, None], wv, 1.0)[..., None]
+    _, _, _, area = _screen_bary(ndc[:, 0, :2], ndc[:, 1, :2], ndc[:, 2, :2], 0.0, 0.0)
+    valid = ok_w & (jnp.abs(area) > _AREA_EPS)
+    return ndc, valid
+
+
+@functools.partial(jax.jit, static_argnames=("h", "w", "chunk"))
+def _raster_ids_ref(pos_clip, tris, h, w, chunk):
+    """Pure-JAX visibility: triangle id + 1 per pixel, [B, H, W] int32 (0 = empty)."""
+    px, py = pixel_centers(h, w)
+    px, py = px.reshape(-1, 1), py.reshape(-1, 1)
+    nf = tris.shape[0]
+    nchunks = -(-nf // chunk)
+    pad = nchunks * chunk - nf
+
+    def one_view(pc):
+        ndc, valid = _triangle_setup(pc, tris)
+        ndc = jnp.pad(ndc, ((0, pad), (0, 0), (0, 0)))
+        valid = jnp.pad(valid, (0, pad))
+        ndc = ndc.reshape(nchunks, chunk, 3, 3)
+        valid = valid.reshape(nchunks, chunk)
+        base = (jnp.arange(nchunks, dtype=jnp.int32) * chunk)
+
+        def body(carry, xs):
+            best_z, best_id = carry
+            nd, ok, b = xs
+            b0, b1, b2, _ = _screen_bary(nd[None, :, 0, :2], nd[None, :, 1, :2], nd[None, :, 2, :2], px, py)
+            z = b0 * nd[None, :, 0, 2] + b1 * nd[None, :, 1, 2] + b2 * nd[None, :, 2, 2]
+            inside = (b0 >= 0) & (b1 >= 0) & (b2 >= 0) & ok[None, :] & (z >= -1.0) & (z <= 1.0)
+            z = jnp.where(inside, z, jnp.inf)
+            arg = jnp.argmin(z, axis=1)
+            zmin = jnp.take_along_axis(z, arg[:, None], axis=1)[:, 0]
+            better = zmin < best_z
+            best_z = jnp.where(better, zmin, best_z)
+            best_id = jnp.where(better, b + arg.astype(jnp.int32) + 1, best_id)
+            return (best_z, best_id), None
+
+        init = (jnp.full((h * w,), jnp.inf, jnp.float32), jnp.zeros((h * w,), jnp.int32))
+        (_, ids), _ = jax.lax.scan(body, init, (ndc, valid, base))
+        return ids.reshape(h, w)
+
+    return jax.vmap(one_view)(pos_clip)
+
+
+def barycentrics_from_ids(pos_clip: Float[Array, "b v 4"], tris: Int[Array, "f 3"],
+                          tri_ids: Int[Array, "b h w"]) -> Float[Array, "b h w 4"]:
+    """Differentiable (u, v, z/w, id+1) from per-pixel triangle ids (id+1, 0 = empty).
+
+    Perspective-correct barycentrics at pixel centres: with screen-space barycentrics b_i and clip
+    w_i, u_i = (b_i / w_i) / sum_j (b_j / w_j). z/w is affine in screen space: sum_i b_i z_i / w_i.
+    Empty pixels are all zeros. Gradients flow to ``pos_clip``; ids are treated as constants.
+    """
+    tri_ids = jax.lax.stop_gradient(tri_ids)
+    b, h, w = tri_ids.shape
+    px, py = pixel_centers(h, w)
+    covered = tri_ids > 0
+    fid = jnp.where(covered, tri_ids - 1, 0)
+    vidx = tris[fid]  # [B,H,W,3]
+    tri = jax.vmap(lambda pc, vi: pc[vi])(pos_clip, vidx)  # [B,H,W,3,4]
+    wv = jnp.where(covered[..., None], tri[..., 3], 1.0)
+    ndc = tri[..., :3] / wv[..., None]
+    b0, b1, b2, _ = _screen_bary(ndc[..., 0, :2], ndc[..., 1, :2], ndc[..., 2, :2], px[None], py[None])
+    q0, q1, q2 = b0 / wv[..., 0], b1 / wv[..., 1], b2 / wv[..., 2]
+    den = q0 + q1 + q2
+    den = jnp.where(covered & (jnp.abs(den) > 1e-20), den, 1.0)
+    u, v = q0 / den, q1 / den
+    zw = b0 * ndc[..., 0, 2] + b1 * ndc[..., 1, 2] + b2 * ndc[..., 2, 2]
+    out = jnp.stack([u, v, zw, tri_ids.astype(jnp.float32)], axis=-1)
+    return jnp.where(covered[..., None], out, 0.0)
+
+
+def _ref_chunk(h: int, w: int, nf: int) -> int:
+    return int(max(1, min(nf, (1 << 22) // max(1, h * w))))
+
+
+def rasterize(pos_clip: Float[Array, "b v 4"] | Float[Array, "v 4"], tris: Int[Array, "f 3"],
+              resolution: tuple[int, int], *, backend: str = "auto") -> Float[Array, "b h w 4"]:
+    """Rasterize triangles; see the module docstring for conventions, gradients and backends.
+
+    Args:
+      pos_clip: [B, V, 4] or [V, 4] clip-space vertex positions (float32).
+      tris: [F, 3] int32 vertex indices.
+      resolution: (H, W) static output size.
+      backend: "auto" | "ffi" | "ref" | "nvdiffrast".
+
+    Returns:
+      rast [B, H, W, 4] float32 (u, v, z/w, triangle_id + 1).
+    """
+    pos_clip = jnp.asarray(pos_clip, jnp.float32)
+    tris = jnp.asarray(tris)
+    h, w = _validate(pos_clip, tris, resolution)
+    tris = tris.astype(jnp.int32)
+    if pos_clip.ndim == 2:
+        pos_clip = pos_clip[None]
+    if tris.shape[0] == 0:
+        return jnp.zeros((pos_clip.shape[0], h, w, 4), jnp.float32)
+    if backend == "auto":
+        from tsjax.ops import _ffi
+
+        backend = "ffi" if _ffi.available() else "ref"
+    if backend == "ref":
+        ids = _raster_ids_ref(jax.lax.stop_gradient(pos_clip), tris, h, w, _ref_chunk(h, w, tris.shape[0]))
+    elif backend == "ffi":
+        from tsjax.ops import _ffi
+
+        ids, _ = _ffi.rasterize_ids(jax.lax.stop_gradient(pos_clip), tris, h, w)
+    elif backend == "nvdiffrast":
+        from tsjax.ops import _nvdiffrast
+
+        ids = _nvdiffrast.rasterize_ids(jax.lax.stop_gradient(pos_clip), tris, h, w)
+    else:
+        raise ValueError(f"rasterize: unknown backend {backend!r} (expected auto, ffi, ref or nvdiffrast)")
+    return barycentrics_from_ids(pos_clip, tris, ids)
