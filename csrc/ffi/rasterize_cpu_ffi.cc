@@ -1,0 +1,43 @@
+// XLA FFI handler (CPU): unpacks buffers and calls tsjax::RasterizeCpu.
+#include <cstdlib>
+#include <string>
+
+#include "kernels/rasterize.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+static ffi::Error RasterizeCpuImpl(ffi::Buffer<ffi::F32> pos, ffi::Buffer<ffi::S32> tris,
+                                   ffi::ResultBuffer<ffi::S32> ids, ffi::ResultBuffer<ffi::F32> bary) {
+  auto pd = pos.dimensions();
+  auto td = tris.dimensions();
+  auto od = ids->dimensions();
+  if (pd.size() != 3 || pd[2] != 4) return ffi::Error::InvalidArgument("pos must be [B,V,4]");
+  if (td.size() != 2 || td[1] != 3) return ffi::Error::InvalidArgument("tris must be [F,3]");
+  if (od.size() != 3 || od[0] != pd[0]) return ffi::Error::InvalidArgument("ids must be [B,H,W]");
+  tsjax::RasterParams p;
+  p.pos = pos.typed_data();
+  p.tris = tris.typed_data();
+  p.ids = ids->typed_data();
+  p.bary = bary->typed_data();
+  p.batch = pd[0];
+  p.num_verts = pd[1];
+  p.num_tris = td[0];
+  p.height = static_cast<int>(od[1]);
+  p.width = static_cast<int>(od[2]);
+  // Indices were validated in Python; re-check cheaply so a bad call can never read out of bounds.
+  for (int64_t k = 0; k < p.num_tris * 3; ++k)
+    if (p.tris[k] < 0 || p.tris[k] >= p.num_verts)
+      return ffi::Error::InvalidArgument("triangle index out of range");
+  int threads = 0;
+  if (const char* s = std::getenv("TSJAX_RASTER_THREADS")) threads = std::atoi(s);
+  tsjax::RasterizeCpu(p, threads);
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TsjaxRasterizeCpu, RasterizeCpuImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

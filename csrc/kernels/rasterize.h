@@ -1,0 +1,33 @@
+// tsjax rasterizer kernels: framework-agnostic, plain Params struct (no XLA/JAX types here).
+//
+// Conventions (docs/conventions.md, identical to the pure-JAX reference in tsjax/ops/rasterize.py):
+//  * pos: [B, V, 4] float32 clip-space positions; tris: [F, 3] int32.
+//  * Pixel (i, j) samples NDC x = (2j + 1)/W - 1, y = 1 - (2i + 1)/H (row 0 = top).
+//  * Covered when all three screen-space barycentrics are >= 0 (no culling); depth test on z/w,
+//    smallest wins, equal depth -> smaller triangle id; z/w must lie in [-1, 1].
+//  * Triangles with a vertex at w <= 1e-8 or |2*area| <= 1e-12 (NDC) are skipped.
+//  * Outputs: ids [B, H, W] int32 = triangle id + 1 (0 = empty); bary [B, H, W, 3] float32 =
+//    perspective-correct (u, v, z/w) (0 where empty).
+// The arithmetic mirrors the reference expression by expression (compiled with -ffp-contract=off)
+// so triangle ids agree exactly and barycentrics to float rounding.
+#pragma once
+#include <cstdint>
+
+namespace tsjax {
+
+struct RasterParams {
+  const float* pos = nullptr;     // [B, V, 4]
+  const int32_t* tris = nullptr;  // [F, 3]
+  int32_t* ids = nullptr;         // [B, H, W]
+  float* bary = nullptr;          // [B, H, W, 3]
+  int64_t batch = 0, num_verts = 0, num_tris = 0;
+  int height = 0, width = 0;
+};
+
+constexpr float kWEps = 1e-8f;
+constexpr float kAreaEps = 1e-12f;
+
+// CPU: multithreaded over (view, row band). num_threads <= 0 -> hardware concurrency.
+void RasterizeCpu(const RasterParams& p, int num_threads);
+
+}  // namespace tsjax
