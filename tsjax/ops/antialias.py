@@ -1,0 +1,138 @@
+"""Analytic silhouette antialiasing with gradients w.r.t. vertex positions (nvdiffrast-like method).
+
+Method (pure JAX, our own formulation):
+  For every pair of 4-neighbour pixels (p, q) (horizontal pairs (i, j)-(i, j+1) and vertical pairs
+  (i, j)-(i+1, j)) whose triangle ids differ, the *front* pixel is the one with the smaller z/w
+  (an empty pixel is infinitely far). Let T be the front pixel's triangle. With T's screen-space edge
+  functions e_k (edge opposite vertex k, sign-normalised so that T's interior is e_k >= 0), the segment
+  p -> q between the two pixel centres leaves T at t = e_k(p) / (e_k(p) - e_k(q)) in [0, 1] for the
+  first edge k with e_k(q) < 0. The edge is a *silhouette* for this pair unless the other pixel's
+  triangle shares both of its vertices (then the surface continues across the edge and nothing is
+  blended). With the crossing at t:
+    * t > 1/2: T overhangs into q's pixel:  c_q += (t - 1/2) * (c_p - c_q)
+    * t < 1/2: q's surface covers part of p: c_p += (1/2 - t) * (c_q - c_p)
+  Each edge is handled by one direction only (horizontal pairs for edges at least as steep as 45
+  degrees in pixel units, vertical pairs otherwise), so coverage is not counted twice and the
+  gradient of the total covered area matches the analytic area derivative. Deltas from all pairs of
+  a pixel are summed. The result is continuous in vertex positions (at
+  t = 1/2 both cases blend nothing, and when an edge crosses a pixel centre both sides give a 50 %
+  blend), and ``t`` is a differentiable function of ``pos_clip`` (through the NDC vertices), so
+  gradients of an image loss reach the vertex positions at silhouettes. Triangle ids are constants
+  (stop_gradient); pairs where the other pixel lies inside T (interpenetration) are left unblended.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from tsjax.ops.rasterize import pixel_centers
+
+__all__ = ["antialias"]
+
+
+def _edge_fns(v, px, py):
+    """Edge functions e_k [..., 3] of triangles v [..., 3, 2] at points (px, py), edge k = (k+1, k+2)."""
+    a = jnp.roll(v, -1, axis=-2)  # vertex k+1
+    b = jnp.roll(v, -2, axis=-2)  # vertex k+2
+    px, py = px[..., None], py[..., None]
+    return (a[..., 0] - px) * (b[..., 1] - py) - (a[..., 1] - py) * (b[..., 0] - px)
+
+
+def _pair_deltas(c_a, c_b, id_a, id_b, z_a, z_b, v_a, v_b, vi_a, vi_b, pa, pb, horizontal, h, w):
+    """Colour deltas (d_a, d_b) for pixel pairs a-b (all arrays aligned on the pair grid)."""
+    za = jnp.where(id_a > 0, z_a, jnp.inf)
+    zb = jnp.where(id_b > 0, z_b, jnp.inf)
+    a_front = za <= zb
+    # front triangle, its pixel, the other pixel
+    v = jnp.where(a_front[..., None, None], v_a, v_b)
+    vi = jnp.where(a_front[..., None], vi_a, vi_b)
+    vi_o = jnp.where(a_front[..., None], vi_b, vi_a)
+    id_o = jnp.where(a_front, id_b, id_a)
+    pf = [jnp.where(a_front, pa[k], pb[k]) for k in range(2)]
+    po = [jnp.where(a_front, pb[k], pa[k]) for k in range(2)]
+    area = (v[..., 1, 0] - v[..., 0, 0]) * (v[..., 2, 1] - v[..., 0, 1]) - \
+           (v[..., 1, 1] - v[..., 0, 1]) * (v[..., 2, 0] - v[..., 0, 0])
+    sgn = jnp.where(area >= 0, 1.0, -1.0)[..., None]
+    ef = _edge_fns(v, *pf) * sgn  # >= 0 inside
+    eo = _edge_fns(v, *po) * sgn
+    cand = (eo < 0) & (ef >= 0)
+    den = jnp.where(cand, ef - eo, 1.0)
+    t = jnp.where(cand, ef / den, jnp.inf)
+    k = jnp.argmin(t, axis=-1)
+    t = jnp.take_along_axis(t, k[..., None], axis=-1)[..., 0]
+    # silhouette unless the other pixel's triangle shares both edge vertices
+    e1 = jnp.take_along_axis(vi, ((k + 1) % 3)[..., None], axis=-1)
+    e2 = jnp.take_along_axis(vi, ((k + 2) % 3)[..., None], axis=-1)
+    # each edge is handled by one pass only: horizontal pairs take edges that are at least as steep as
+    # 45 degrees in pixel units, vertical pairs the flatter ones (no double counting of coverage).
+    ea = jnp.take_along_axis(v, ((k + 1) % 3)[..., None, None], axis=-2)[..., 0, :]
+    eb = jnp.take_along_axis(v, ((k + 2) % 3)[..., None, None], axis=-2)[..., 0, :]
+    dx = jnp.abs(eb[..., 0] - ea[..., 0]) * (w / 2)
+    dy = jnp.abs(eb[..., 1] - ea[..., 1]) * (h / 2)
+    steep = dy >= dx
+    orient_ok = steep if horizontal else ~steep
+    shared = jnp.any(vi_o == e1, axis=-1) & jnp.any(vi_o == e2, axis=-1) & (id_o > 0)
+    ok = (id_a != id_b) & jnp.isfinite(t) & ~shared & orient_ok & (jnp.minimum(za, zb) < jnp.inf)
+    t = jnp.where(ok, t, 0.5)
+    c_f = jnp.where(a_front[..., None], c_a, c_b)
+    c_o = jnp.where(a_front[..., None], c_b, c_a)
+    over = jnp.maximum(t - 0.5, 0.0)[..., None]   # front overhangs into the other pixel
+    under = jnp.maximum(0.5 - t, 0.0)[..., None]  # other surface covers part of the front pixel
+    d_o = over * (c_f - c_o)
+    d_f = under * (c_o - c_f)
+    d_a = jnp.where(a_front[..., None], d_f, d_o)
+    d_b = jnp.where(a_front[..., None], d_o, d_f)
+    return d_a, d_b
+
+
+def antialias(color: Float[Array, "b h w c"], rast: Float[Array, "b h w 4"],
+              pos_clip: Float[Array, "b v 4"] | Float[Array, "v 4"],
+              tris: Int[Array, "f 3"]) -> Float[Array, "b h w c"]:
+    """Blend colours across silhouette edges by their analytic pixel coverage (see module docstring).
+
+    Args:
+      color: [B, H, W, C] float32 shaded image (any colour space; blending is linear).
+      rast: [B, H, W, 4] output of :func:`tsjax.ops.rasterize` for the same ``pos_clip``/``tris``.
+      pos_clip: [B, V, 4] or [V, 4] clip-space positions (gradients flow to it).
+      tris: [F, 3] int32.
+
+    Returns:
+      [B, H, W, C] float32 antialiased colour; differentiable w.r.t. ``color`` and ``pos_clip``.
+    """
+    color = jnp.asarray(color, jnp.float32)
+    pos_clip = jnp.asarray(pos_clip, jnp.float32)
+    if pos_clip.ndim == 2:
+        pos_clip = pos_clip[None]
+    if color.ndim != 4 or rast.ndim != 4 or rast.shape[-1] != 4 or color.shape[:3] != rast.shape[:3]:
+        raise ValueError(f"antialias: color [B,H,W,C] and rast [B,H,W,4] must agree, got "
+                         f"{tuple(color.shape)} and {tuple(rast.shape)}")
+    if pos_clip.ndim != 3 or pos_clip.shape[-1] != 4 or pos_clip.shape[0] not in (1, rast.shape[0]):
+        raise ValueError(f"antialias: pos_clip must be [V,4] or [B,V,4] matching rast, got {tuple(pos_clip.shape)}")
+    b, h, w, _ = color.shape
+    pos_clip = jnp.broadcast_to(pos_clip, (b,) + pos_clip.shape[1:])
+    tris = jnp.asarray(tris, jnp.int32)
+    ids = jax.lax.stop_gradient(rast[..., 3]).astype(jnp.int32)
+    z = jax.lax.stop_gradient(rast[..., 2])
+    covered = ids > 0
+    vi = tris[jnp.where(covered, ids - 1, 0)]  # [B,H,W,3]
+    tri = jax.vmap(lambda pc, x: pc[x])(pos_clip, vi)  # [B,H,W,3,4]
+    wv = jnp.where(covered[..., None] & (tri[..., 3] > 1e-8), tri[..., 3], 1.0)
+    v = tri[..., :2] / wv[..., None]  # NDC xy [B,H,W,3,2]
+    vi = jnp.where(covered[..., None], vi, -1)
+    px, py = pixel_centers(h, w)
+    px = jnp.broadcast_to(px, (b, h, w))
+    py = jnp.broadcast_to(py, (b, h, w))
+    out = color
+    # horizontal pairs
+    sa, sb = (slice(None), slice(None), slice(0, w - 1)), (slice(None), slice(None), slice(1, w))
+    if w > 1:
+        da, db = _pair_deltas(color[sa], color[sb], ids[sa], ids[sb], z[sa], z[sb], v[sa], v[sb],
+                              vi[sa], vi[sb], (px[sa], py[sa]), (px[sb], py[sb]), True, h, w)
+        out = out.at[sa].add(da).at[sb].add(db)
+    sa, sb = (slice(None), slice(0, h - 1)), (slice(None), slice(1, h))
+    if h > 1:
+        da, db = _pair_deltas(color[sa], color[sb], ids[sa], ids[sb], z[sa], z[sb], v[sa], v[sb],
+                              vi[sa], vi[sb], (px[sa], py[sa]), (px[sb], py[sb]), False, h, w)
+        out = out.at[sa].add(da).at[sb].add(db)
+    return out
