@@ -380,7 +380,7 @@ def write_html(report: dict, plots: dict[str, str], out: Path) -> Path:
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>tsjax evaluation</title><style>",
              "body{font-family:sans-serif;margin:16px;color:#222} table{border-collapse:collapse;margin:8px 0}",
              "td,th{border:1px solid #ccc;padding:3px 6px;font-size:12px} th{background:#f0f0f0}",
-             ".num{text-align:right;font-family:monospace} .nc{color:#a33;font-size:11px;max-width:220px}",
+             ".num{text-align:right;font-family:monospace} .nc{color:#a33;font-size:11px;max-width:220px;overflow-wrap:anywhere}",
              "img.strip{height:96px;border:1px solid #ddd} img.plot{margin:4px;border:1px solid #eee}",
              "</style></head><body><h1>tsjax evaluation</h1>",
              f"<p>{s['n_views']} views at {s['resolution']} px (azimuths evenly spaced, elevations "
