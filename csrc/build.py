@@ -85,8 +85,8 @@ def build(out: Path, cuda: str = "auto", debug: bool = False) -> dict[str, Path]
         ).split()
         target = out / "libtsjax_cuda.so"
         print(f"csrc/build.py: building {target.name} ({len(srcs)} sources) with {nvcc}")
-        _run([nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden",
-              "--expt-relaxed-constexpr", *arch, *inc, *map(str, srcs), "-o", str(target)])
+        _run([nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC",
+              "--expt-relaxed-constexpr", "--fmad=false", *arch, *inc, *map(str, srcs), "-o", str(target)])
         built["cuda"] = target
     return built
 

@@ -26,6 +26,13 @@ def _load() -> dict[str, bool]:
         path = LIB_DIR / name
         if not path.exists():
             continue
+        if platform == "CUDA":
+            try:
+                has_gpu = bool(jax.devices("gpu"))
+            except RuntimeError:  # CPU-only jaxlib: nothing to register the CUDA kernel for
+                has_gpu = False
+            if not has_gpu:
+                continue
         lib = ctypes.cdll.LoadLibrary(str(path))
         if not hasattr(lib, sym):
             continue
@@ -51,5 +58,5 @@ def rasterize_ids(pos_clip, tris, h: int, w: int):
             "run `make build` or `python csrc/build.py`, or use backend='ref'")
     b = pos_clip.shape[0]
     out_types = (jax.ShapeDtypeStruct((b, h, w), jnp.int32), jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32))
-    call = jax.ffi.ffi_call(_TARGET, out_types, vmap_method="broadcast_all")
+    call = jax.ffi.ffi_call(_TARGET, out_types, vmap_method="sequential")
     return call(pos_clip.astype(jnp.float32), tris.astype(jnp.int32))
