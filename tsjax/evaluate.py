@@ -16,7 +16,8 @@ Metrics (per asset unless noted; "not computed: ..." instead of a number when in
 
 - ``novelty_iou``: min over exemplars of 1 - voxel IoU (``--voxel-res``, default 64). [exemplars]
 - ``chamfer_to_exemplars``: min over exemplars of the symmetric chamfer distance (unit-cube units).
-- ``palette_distance``: sliced-W1 Lab distance between the asset's and the exemplars' foreground colours.
+- ``palette_distance``: sliced-W1 Lab distance between the asset's and the exemplars' foreground colours
+  in unlit (albedo) renders.
 - ``contextual_distance``: VGG19 relu3_4 contextual loss (h = 0.5) between each view and the exemplar
   renders from the same camera, min over exemplars, mean over views. [--vgg]
 - ``clip_score_text``: mean over views of 100 * max(cos(image, text), 0). [--clip and a prompt: --prompt,
@@ -105,12 +106,18 @@ def _slug(s: str) -> str:
 
 
 def render_views(mesh, settings: EvalSettings, cams) -> dict[str, np.ndarray]:
-    """Colour (sRGB, white background) [V,H,W,3] and mask [V,H,W,1] of ``mesh`` from ``cams``."""
+    """Shaded colour and unlit albedo (sRGB, white background) [V,H,W,3] and mask [V,H,W,1] from ``cams``.
+
+    The shaded colour (head-light Lambert) feeds the image metrics and the report; the unlit albedo
+    feeds the palette distance, so shading does not count as a colour difference.
+    """
     from tsjax.render.mesh_render import render_mesh
 
     r = settings.resolution
     out = render_mesh(mesh, cams, (r, r), background=(1.0, 1.0, 1.0))
+    flat = render_mesh(mesh, cams, (r, r), background=(1.0, 1.0, 1.0), lighting="none")
     return {"color": np.clip(np.asarray(out["color"], np.float32), 0, 1),
+            "albedo": np.clip(np.asarray(flat["color"], np.float32), 0, 1),
             "mask": np.asarray(out["mask"], np.float32)}
 
 
@@ -228,6 +235,7 @@ def evaluate(args) -> dict:
         ex = dict(meshes=ex_meshes, renders=ex_renders, names=ex_names, images=ex_imgs,
                   grids=[geo.voxelize(m, settings.voxel_res) for m in ex_meshes],
                   colors=np.concatenate([r["color"] for r in ex_renders]),
+                  albedo=np.concatenate([r["albedo"] for r in ex_renders]),
                   masks=np.concatenate([r["mask"] for r in ex_renders]))
         if not isinstance(models.clip, str):
             e = np.asarray(models.clip.image_embeds(ex["colors"]))
@@ -265,7 +273,7 @@ def evaluate(args) -> dict:
                     geo.chamfer_distance(pts, geo.sample_surface(m, settings.chamfer_points))
                     for m in ex["meshes"])))
                 res.append(MetricResult.ok("palette_distance", geo.palette_distance(
-                    r["color"], ex["colors"], r["mask"], ex["masks"])))
+                    r["albedo"], ex["albedo"], r["mask"], ex["masks"])))
             # Contextual distance
             if isinstance(models.vgg, str):
                 res.append(MetricResult.not_computed("contextual_distance", models.vgg))
