@@ -1,0 +1,133 @@
+"""Rasterizer benchmark: FFI kernel vs pure-JAX reference vs trimesh+embree ray casting.
+
+Prints one JSON object per measurement (stdout). Usage:
+  python bench/raster.py [--views 8] [--res 512] [--repeats 5] [--sizes 100k,1m]
+
+Meshes are icospheres (subdivision 6 = 81,920 triangles, 8 = 1,310,720 triangles) seen from orbit
+cameras. Times are seconds; ``compile_s`` is the first call (trace + compile + run), ``median_s`` the
+median of ``repeats`` steady-state calls. Ray casting uses the same pixel centres (one ray per pixel).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import trimesh
+
+from tsjax.ops import _ffi, interpolate, rasterize
+from tsjax.ops.rasterize import _raster_ids_ref, _ref_chunk
+from tsjax.render import camera as C
+
+SIZES = {"100k": 6, "1m": 8}
+
+
+def emit(**kw):
+    print(json.dumps(kw), flush=True)
+
+
+def timed(fn, repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - t0
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        ts.append(time.perf_counter() - t0)
+    return first, statistics.median(ts)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--views", type=int, default=8)
+    ap.add_argument("--res", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--sizes", default="100k,1m")
+    ap.add_argument("--ref-budget", type=float, default=60.0,
+                    help="skip the pure-JAX reference when its estimated time exceeds this (s)")
+    a = ap.parse_args()
+    emit(kind="machine", cpu_count=os.cpu_count(), platform=platform.platform(), processor=platform.processor(),
+         jax=jax.__version__, backend=jax.default_backend(), ffi_available=_ffi.available(),
+         raster_threads=os.environ.get("TSJAX_RASTER_THREADS", "auto"))
+    b, res = a.views, (a.res, a.res)
+    az = jnp.linspace(0.0, 315.0, b)
+    cams = C.make_cameras(jnp.where(jnp.arange(b) % 2 == 0, 0.0, 20.0), az, 1.6, fovy=50.0)
+    for size in a.sizes.split(","):
+        m = trimesh.creation.icosphere(SIZES[size], radius=0.45)
+        verts = jnp.asarray(m.vertices, jnp.float32)
+        tris = jnp.asarray(m.faces, jnp.int32)
+        nf = int(tris.shape[0])
+        common = dict(mesh=f"icosphere{SIZES[size]}", faces=nf, views=b, res=list(res))
+        pc = jax.block_until_ready(C.world_to_clip(verts, cams))
+
+        ffi_fn = jax.jit(lambda p: _ffi.rasterize_ids(p, tris, *res)[0])
+        c, s = timed(lambda: ffi_fn(pc), a.repeats)
+        emit(kind="ffi_ids", **common, compile_s=c, median_s=s, per_frame_s=s / b)
+        ffi_frame = s / b
+
+        # pure-JAX reference: estimate from one view at 64x64 (cost ~ H*W*F) before running it
+        est_fn = jax.jit(lambda p: _raster_ids_ref(p, tris, 64, 64, _ref_chunk(64, 64, nf)))
+        _, s_small = timed(lambda: est_fn(pc[:1]), 1)
+        est = s_small * b * (res[0] * res[1]) / (64 * 64)
+        if est > a.ref_budget:
+            emit(kind="ref_ids", **common, skipped=True,
+                 reason=f"estimated {est:.0f}s for {b} views (> --ref-budget {a.ref_budget:.0f}s; O(H*W*F))",
+                 measured_1view_64x64_s=s_small)
+        else:
+            ref_fn = jax.jit(lambda p: _raster_ids_ref(p, tris, res[0], res[1], _ref_chunk(res[0], res[1], nf)))
+            c, s = timed(lambda: ref_fn(pc), 1)
+            emit(kind="ref_ids", **common, compile_s=c, median_s=s, per_frame_s=s / b)
+
+        # embree ray casting of the same pixel centres
+        inv = np.linalg.inv(np.asarray(cams.proj))
+        c2w = np.asarray(cams.c2w)
+        xs = (2 * np.arange(res[1]) + 1) / res[1] - 1
+        ys = 1 - (2 * np.arange(res[0]) + 1) / res[0]
+        ndc = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
+        t0 = time.perf_counter()
+        m.ray.intersects_first(np.zeros((1, 3)), np.array([[0.0, 0.0, 1.0]]))  # BVH build
+        bvh = time.perf_counter() - t0
+        rays = []
+        for v in range(b):
+            p = np.concatenate([ndc, -np.ones((len(ndc), 1)), np.ones((len(ndc), 1))], 1) @ inv[v].T
+            d = (p[:, :3] / p[:, 3:]) @ c2w[v, :3, :3].T
+            d /= np.linalg.norm(d, axis=1, keepdims=True)
+            rays.append((np.broadcast_to(c2w[v, :3, 3], d.shape).copy(), d))
+        ts = []
+        hits = None
+        for _ in range(max(1, min(a.repeats, 3))):
+            t0 = time.perf_counter()
+            hits = [m.ray.intersects_first(o, d) for o, d in rays]
+            ts.append(time.perf_counter() - t0)
+        s = statistics.median(ts)
+        ids = np.asarray(ffi_fn(pc)).reshape(b, -1).astype(np.int64) - 1
+        hit = np.stack(hits)
+        cov = (ids >= 0) | (hit >= 0)
+        emit(kind="embree_ray_cast", **common, bvh_build_s=bvh, median_s=s, per_frame_s=s / b,
+             agreement_with_ffi=float((ids[cov] == hit[cov]).mean()), ffi_speedup=(s / b) / ffi_frame)
+
+        # forward vs forward+backward of a render (rasterize + interpolate colours + loss)
+        colors = jnp.asarray(np.asarray(m.vertices) * 0.5 + 0.5, jnp.float32)
+
+        def loss(vv, backend="ffi"):
+            rast = rasterize(C.world_to_clip(vv, cams), tris, res, backend=backend)
+            col, _ = interpolate(colors, rast, tris)
+            return jnp.mean((col - 0.5) ** 2)
+
+        fwd = jax.jit(loss)
+        fb = jax.jit(jax.value_and_grad(loss))
+        c1, s1 = timed(lambda: fwd(verts), a.repeats)
+        c2, s2 = timed(lambda: fb(verts), a.repeats)
+        emit(kind="render_fwd", **common, compile_s=c1, median_s=s1)
+        emit(kind="render_fwd_bwd", **common, compile_s=c2, median_s=s2, ratio_to_fwd=s2 / s1)
+
+
+if __name__ == "__main__":
+    main()
