@@ -1,6 +1,8 @@
 """Fine-tune step: loss goes down, LoRA-only leaves base weights bit-identical, compiles once."""
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -21,7 +23,7 @@ class ToyDenoiser(nn.Module):
 
     @nn.compact
     def __call__(self, x, t, ctx, camera=None, lora=None):
-        freqs = jnp.exp(-jnp.arange(8) * 0.5)
+        freqs = jnp.exp(-jnp.arange(8) * 0.5) / 100.0
         temb = jnp.concatenate([jnp.sin(t[:, None] * freqs), jnp.cos(t[:, None] * freqs)], -1)
         cond = nn.Dense(32)(temb) + nn.Dense(32)(jnp.mean(ctx, 1))
         if camera is not None:
@@ -41,13 +43,20 @@ def apply(params, x, t, ctx, camera):
     return MODEL.apply({"params": params["unet"]}, x, t.astype(jnp.float32), ctx, camera, lora=params.get("lora"))
 
 
+@functools.lru_cache(maxsize=1)
 def _data(n=4):
-    k = jax.random.key(0)
-    base = jnp.stack([jnp.sin(jnp.linspace(0, 3 * (i + 1), 8)) for i in range(4)], -1)  # [8, 4]
-    lat = base[None, :, None, :] * base[None, None, :, :] * jnp.arange(1, n + 1)[:, None, None, None] / n
-    ctx = jax.random.normal(k, (n, 3, 8))
-    cam = jax.random.normal(jax.random.key(1), (n, 16))
-    return lat.astype(jnp.float32), ctx, cam
+    """A handful of renders of a built-in toy house as 4-channel 'latents' (sRGB in [-1,1] + mask),
+    16x16, with their camera conditions; the text context is random but fixed."""
+    from tsjax.data.builtin import builtin_theme
+    from tsjax.render.camera import camera_condition, make_cameras
+    from tsjax.render.mesh_render import render_mesh
+
+    mesh = builtin_theme("toy-houses")[0]
+    cams = make_cameras(np.array([0.0, 20.0, 0.0, 20.0][:n]), np.array([0.0, 90.0, 180.0, 270.0][:n]), 1.6, 60.0)
+    r = render_mesh(mesh, cams, (16, 16), backend="ref")
+    lat = jnp.concatenate([r["color"] * 2.0 - 1.0, r["mask"] * 2.0 - 1.0], -1).astype(jnp.float32)
+    ctx = jax.random.normal(jax.random.key(0), (n, 3, 8))
+    return lat, ctx, camera_condition(cams).astype(jnp.float32)
 
 
 def _params(with_lora=False):
@@ -68,11 +77,11 @@ def test_full_finetune_lowers_denoising_loss(pred):
     evaluate = make_denoise_loss(apply, sch, n_draws=32)
     before = float(evaluate(state.params, lat, ctx, jax.random.key(9), cam))
     key = jax.random.key(5)
-    for _ in range(150):
+    for _ in range(100):
         state, m = step(state, {"latents": lat, "context": ctx, "camera": cam}, key)
     after = float(evaluate(state.params, lat, ctx, jax.random.key(9), cam))
-    assert int(state.step) == 150 and np.isfinite(float(m["loss"]))
-    assert after <= 0.7 * before, (before, after)  # >= 30% lower
+    assert int(state.step) == 100 and np.isfinite(float(m["loss"]))
+    assert after <= 0.5 * before, (before, after)  # >= 50% lower (measured: eps -87%, v -78%)
 
 
 def test_lora_only_step_leaves_base_weights_bit_identical_and_compiles_once():
