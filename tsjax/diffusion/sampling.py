@@ -147,7 +147,7 @@ def encode_prompts(model: Any, prompts: Sequence[str]) -> jax.Array:
     Returns ``last_hidden_state`` ``[len(prompts), L, D]`` float32.
     """
     ids = model.tokenize(list(prompts))
-    return model.encode_text(model.params["text_encoder"], ids)
+    return jax.jit(model.encode_text)(model.params["text_encoder"], ids)
 
 
 def generate(
@@ -192,7 +192,7 @@ def generate(
     uncond = encode_prompts(model, list(negative_prompts) if negative_prompts else [""] * B)
     init_latents = None
     if init_images is not None:
-        mean, logvar = model.vae_encode(params["vae"], init_images * 2.0 - 1.0)
+        mean, logvar = jax.jit(model.vae_encode)(params["vae"], init_images * 2.0 - 1.0)
         z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_enc, mean.shape, mean.dtype)
         init_latents = z * model.scaling_factor
     elif strength < 1.0:
