@@ -11,6 +11,9 @@ Normals: flat per-face world-space normals (``(v1 - v0) x (v2 - v0)``), flipped 
   (two-sided: open or inconsistently wound exemplar meshes still encode the visible side), encoded
   ``0.5 n + 0.5`` and composited over the same background as the colour.
 Depth: camera-space distance along -Z (0 on background). Mask: coverage in [0, 1] (antialiased).
+
+Performance: the whole batched render is one ``jax.jit`` (static resolution/backend/lighting); mesh
+arrays are padded to bucketed sizes (:func:`_bucket`) so meshes of similar size reuse a compilation.
 """
 from __future__ import annotations
 
@@ -28,6 +31,13 @@ __all__ = ["render_mesh", "mesh_arrays"]
 
 AMBIENT = 0.45
 LIGHT_DIR_CAMERA = (-0.35, 0.5, 1.0)
+
+
+def _bucket(n: int) -> int:
+    """Padded size: next power of two (>= 64) below 4096, then the next multiple of 4096."""
+    if n <= 4096:
+        return max(64, 1 << (int(n) - 1).bit_length())
+    return -(-int(n) // 4096) * 4096
 
 
 def mesh_arrays(mesh):
@@ -123,6 +133,14 @@ def render_mesh(mesh_arrays_or_mesh, cams: Cameras, resolution, *, background=(1
         raise ValueError("render_mesh: uv and texture must be given together")
     uv = None if uv is None else jnp.asarray(uv, jnp.float32)
     tex = None if tex is None else jnp.asarray(tex, jnp.float32)
+    # pad to bucketed sizes so meshes of similar size share one compilation: extra vertices sit at the
+    # origin, extra faces are (0, 0, 0) (zero area, never rasterized)
+    nv, nf = _bucket(v.shape[0]), _bucket(f.shape[0])
+    pad_v = nv - v.shape[0]
+    v = jnp.pad(v, ((0, pad_v), (0, 0)))
+    c = jnp.pad(c, ((0, pad_v), (0, 0)), constant_values=1.0)
+    uv = None if uv is None else jnp.pad(uv, ((0, pad_v), (0, 0)))
+    f = jnp.pad(f, ((0, nf - f.shape[0]), (0, 0)))
     c2w = jnp.asarray(cams.c2w, jnp.float32)
     proj = jnp.asarray(cams.proj, jnp.float32)
     if c2w.ndim == 2:
