@@ -141,13 +141,14 @@ def make_sampler(
 # ----------------------------------------------------------------------------------------------
 
 
-def encode_prompts(model: Any, prompts: Sequence[str]) -> jax.Array:
+def encode_prompts(model: Any, prompts: Sequence[str], text_params: Any = None) -> jax.Array:
     """Tokenise (pad/truncate to the tokenizer's max length) and run the CLIP text encoder.
 
     Returns ``last_hidden_state`` ``[len(prompts), L, D]`` float32.
     """
     ids = model.tokenize(list(prompts))
-    return jax.jit(model.encode_text)(model.params["text_encoder"], ids)
+    p = model.params["text_encoder"] if text_params is None else text_params
+    return jax.jit(model.encode_text)(p, ids)
 
 
 def generate(
@@ -188,8 +189,8 @@ def generate(
     if height % f or width % f:
         raise ValueError(f"image size {height}x{width} must be a multiple of {f}")
     k_enc, k_sample = jax.random.split(key)
-    cond = encode_prompts(model, prompts)
-    uncond = encode_prompts(model, list(negative_prompts) if negative_prompts else [""] * B)
+    cond = encode_prompts(model, prompts, params["text_encoder"])
+    uncond = encode_prompts(model, list(negative_prompts) if negative_prompts else [""] * B, params["text_encoder"])
     init_latents = None
     if init_images is not None:
         mean, logvar = jax.jit(model.vae_encode)(params["vae"], init_images * 2.0 - 1.0)
