@@ -156,3 +156,14 @@ def test_normalize_unit_cube():
     m = mesh_from_arrays([[1, 1, 1], [5, 1, 1], [1, 3, 2]], [[0, 1, 2]])
     n = normalize(m)
     np.testing.assert_allclose(n.bounds(), [[-0.5, -0.25, -0.125], [0.5, 0.25, 0.125]], atol=1e-6)
+
+
+def test_obj_mtl_materials_are_per_vertex_linear_colours(tmp_path):
+    (tmp_path / "two.mtl").write_text("newmtl a\nKd 1 0 0\nnewmtl b\nKd 0 0.5 1\n")
+    (tmp_path / "two.obj").write_text(
+        "mtllib two.mtl\nv 0 0 0\nv 1 0 0\nv 0 1 0\nv 2 0 0\nv 3 0 0\nv 2 1 0\n"
+        "usemtl a\nf 1 2 3\nusemtl b\nf 4 5 6\n")
+    m = load_mesh(tmp_path / "two.obj")
+    assert m.num_faces == 2 and m.texture is None
+    cols = {tuple(np.round(c, 2)) for c in m.colors[m.faces].reshape(-1, 3)}
+    assert cols == {(1.0, 0.0, 0.0), (0.0, 0.5, 1.0)}

@@ -8,8 +8,8 @@ colour), optional ``uv [V,2] float32`` (glTF convention: (0,0) = first texel, ro
 Loading (trimesh parses the file; the facts are handled here):
   * every primitive of every node is merged with its node's world transform (``Scene.dump``);
     skinned meshes therefore come out in their bind pose (skins/animations are ignored);
-  * glTF ``baseColorFactor`` and ``COLOR_0`` are linear and multiply into per-vertex ``colors``, so
-    multi-material models keep one colour per material;
+  * glTF ``baseColorFactor`` and ``COLOR_0`` (and OBJ/MTL ``Kd``) are linear and multiply into
+    per-vertex ``colors``, so multi-material models keep one colour per material;
   * base-colour textures (embedded or an external URI resolved relative to the file) are decoded
     sRGB -> linear. Several textures are packed into one atlas: a grid of equal cells (each texture
     resized to the largest texture's size) plus one white cell for untextured primitives. UVs are
@@ -120,10 +120,12 @@ def _material_factor(mat) -> np.ndarray:
         return np.ones(3, np.float32)
     f = getattr(mat, "baseColorFactor", None)
     if f is None:
-        f = getattr(mat, "diffuse", None)  # SimpleMaterial (OBJ Kd, stored as uint8)
+        # SimpleMaterial (OBJ/MTL Kd, stored by trimesh as uint8 of Kd * 255). Kd is read as linear, as
+        # Blender and most DCC exporters write the linear base colour there.
+        f = getattr(mat, "diffuse", None)
         if f is None:
             return np.ones(3, np.float32)
-        return _srgb_to_linear_np(np.asarray(f, np.float32)[:3] / 255.0)
+        return np.asarray(f, np.float32)[:3] / 255.0
     f = np.asarray(f, np.float32)[:3]
     return f / 255.0 if f.max() > 1.0 or np.asarray(mat.baseColorFactor).dtype == np.uint8 else f
 
