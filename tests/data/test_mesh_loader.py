@@ -167,3 +167,16 @@ def test_obj_mtl_materials_are_per_vertex_linear_colours(tmp_path):
     assert m.num_faces == 2 and m.texture is None
     cols = {tuple(np.round(c, 2)) for c in m.colors[m.faces].reshape(-1, 3)}
     assert cols == {(1.0, 0.0, 0.0), (0.0, 0.5, 1.0)}
+
+
+def test_gltf_vertex_colours(tmp_path):
+    b = trimesh.creation.box((1, 1, 1))
+    vc = np.zeros((len(b.vertices), 4), np.uint8)
+    vc[:, 3] = 255
+    vc[:, 0] = np.arange(len(b.vertices)) * 30
+    b.visual = trimesh.visual.ColorVisuals(b, vertex_colors=vc)
+    b.export(str(tmp_path / "vc.glb"))
+    m = load_mesh(tmp_path / "vc.glb")
+    # COLOR_0 is linear: kept as is (no sRGB decode), one value per vertex
+    np.testing.assert_allclose(np.unique(np.round(m.colors[:, 0] * 255)), np.arange(8) * 30.0)
+    np.testing.assert_allclose(m.colors[:, 1:], 0.0)
