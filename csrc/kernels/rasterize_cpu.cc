@@ -21,12 +21,12 @@ struct Tri {
 inline float PixX(int j, int w) { return (2.0f * static_cast<float>(j) + 1.0f) / static_cast<float>(w) - 1.0f; }
 inline float PixY(int i, int h) { return 1.0f - (2.0f * static_cast<float>(i) + 1.0f) / static_cast<float>(h); }
 
-// Triangle setup for one view; invalid triangles are dropped. Order of ids is preserved.
-void Setup(const RasterParams& p, int64_t b, std::vector<Tri>* out) {
+// Triangle setup for one view; invalid triangles are dropped. Surviving triangles are binned into
+// the row bands their pixel box overlaps (bins[k] for rows [k*band, (k+1)*band)), in id order.
+void Setup(const RasterParams& p, int64_t b, int band, std::vector<std::vector<Tri>>* bins) {
   const float* pos = p.pos + b * p.num_verts * 4;
   const int h = p.height, w = p.width;
-  out->clear();
-  out->reserve(p.num_tris);
+  for (auto& v : *bins) v.clear();
   for (int64_t f = 0; f < p.num_tris; ++f) {
     const int32_t* t = p.tris + 3 * f;
     const float* a = pos + 4 * t[0];
@@ -54,7 +54,7 @@ void Setup(const RasterParams& p, int64_t b, std::vector<Tri>* out) {
     r.i1 = std::min(h - 1, static_cast<int>(std::floor(((1.0f - ymin) * h - 1.0f) * 0.5f + kPad)));
     if (r.j0 > r.j1 || r.i0 > r.i1) continue;
     r.id = static_cast<int32_t>(f);
-    out->push_back(r);
+    for (int k = r.i0 / band; k <= r.i1 / band; ++k) (*bins)[k].push_back(r);
   }
 }
 
@@ -135,12 +135,12 @@ void RasterizeCpu(const RasterParams& p, int num_threads) {
   // every thread work even for one view (measured faster than one item per view).
   const int band = std::max(1, std::min(h, 64));
   const int nbands = (h + band - 1) / band;
-  std::vector<std::vector<Tri>> setup(p.batch);
+  std::vector<std::vector<std::vector<Tri>>> setup(p.batch, std::vector<std::vector<Tri>>(nbands));
   {
     std::vector<std::thread> pool;
     const int nt = static_cast<int>(std::min<int64_t>(num_threads, p.batch));
     for (int t = 0; t < nt; ++t)
-      pool.emplace_back([&, t] { for (int64_t b = t; b < p.batch; b += nt) Setup(p, b, &setup[b]); });
+      pool.emplace_back([&, t] { for (int64_t b = t; b < p.batch; b += nt) Setup(p, b, band, &setup[b]); });
     for (auto& th : pool) th.join();
   }
   const int64_t items = p.batch * nbands;
@@ -152,7 +152,7 @@ void RasterizeCpu(const RasterParams& p, int num_threads) {
       for (int64_t it = t; it < items; it += nt) {
         const int64_t b = it / nbands;
         const int r0 = static_cast<int>(it % nbands) * band;
-        Band(p, b, setup[b], r0, std::min(h, r0 + band), &zbuf);
+        Band(p, b, setup[b][r0 / band], r0, std::min(h, r0 + band), &zbuf);
       }
     });
   }
