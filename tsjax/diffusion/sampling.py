@@ -432,3 +432,27 @@ def load_model(spec: str) -> DiffusionModel:
         return _from_pipeline(pipe, str(root))
     raise FileNotFoundError(f"--model {spec}: neither a diffusers folder (model_index.json) nor a tsjax "
                             f"model folder ({TSJAX_MODEL_FILE})")
+
+
+def _from_pipeline(pipe: Any, source: str) -> DiffusionModel:
+    """Adapt the bundle returned by ``tsjax.diffusion.convert.load_pipeline`` to :class:`DiffusionModel`.
+
+    Reads, per component ``c`` in (unet, vae, text_encoder), the config from ``pipe.{c}_config`` and the
+    params from ``pipe.params[c]`` or ``pipe.{c}_params``; plus ``pipe.tokenizer`` and
+    ``pipe.scheduler_config``. A bundle lacking one of them is reported by name.
+    """
+    names = {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder"}
+    cfgs, params = {}, {}
+    for c in names:
+        cfg = getattr(pipe, f"{c}_config", None)
+        p = (getattr(pipe, "params", None) or {}).get(c) if isinstance(getattr(pipe, "params", None), dict) else None
+        p = p if p is not None else getattr(pipe, f"{c}_params", None)
+        if cfg is None or p is None:
+            raise ValueError(f"{source}: converted pipeline has no {c} config/params "
+                             f"(tsjax.diffusion.convert.load_pipeline returned {type(pipe).__name__})")
+        cfgs[c], params[c] = cfg, p
+    tok = getattr(pipe, "tokenizer", None)
+    sched = getattr(pipe, "scheduler_config", None)
+    if tok is None or sched is None:
+        raise ValueError(f"{source}: converted pipeline has no tokenizer or scheduler_config")
+    return DiffusionModel(cfgs["unet"], cfgs["vae"], cfgs["text_encoder"], dict(sched), tok, params, source=source)
