@@ -1,0 +1,39 @@
+"""CPU preset (the default): small from-scratch priors, low resolution, a few hundred steps.
+
+Every prior is a tiny latent-diffusion model (``tsjax.diffusion.sampling.tiny_model``) trained from
+scratch on the renders it is given, so no pretrained weights are needed. Renders are 64 px, the
+tetrahedral grid is 32^3 and stage 2 runs 300 steps; the contextual loss uses the concept prior's
+VAE-encoder features unless ``--vgg`` is given. Intended to finish in minutes on 2 CPU cores.
+"""
+import dataclasses
+
+from tsjax.config import (CameraConfig, ConceptPriorConfig, Config, GeometryConfig, GuidanceConfig, InitConfig,
+                          OptimConfig, PriorTrainConfig, ReferencePriorConfig, RenderConfig, ThemePriorConfig)
+
+
+def get_config() -> Config:
+    tiny_train = PriorTrainConfig(model="tiny", steps=300, lr=1e-3, batch_size=8, resolution=64, vae_steps=200,
+                                  camera=True, camera_dropout=0.1)
+    return Config(
+        name="tiny",
+        theme_prior=ThemePriorConfig(train=tiny_train, n_views=16, steps_single=300, steps_group=300,
+                                     n_concepts=4, sample_steps=20, guidance_scale=3.0),
+        concept_prior=ConceptPriorConfig(train=dataclasses.replace(tiny_train, steps=200),
+                                         steps_before_aug=100, n_init_views=8, img2img_strength=0.5,
+                                         img2img_steps=20, guidance_scale=3.0),
+        reference_prior=ReferencePriorConfig(train=dataclasses.replace(tiny_train, steps=200),
+                                             n_color=12, n_normal=12),
+        init=InitConfig(sdf_fit_steps=200, sdf_fit_points=2048, albedo_fit_steps=150),
+        guidance=GuidanceConfig(guidance_scale=3.0, lora_rank=4, lora_lr=1e-3, contextual_views=2),
+        geometry=GeometryConfig(grid_resolution=32, n_levels=6, n_features_per_level=2, log2_hashmap_size=14,
+                                base_resolution=8, per_level_scale=1.5, sdf_hidden=32, sdf_layers=1,
+                                material_hidden=32, material_layers=2),
+        optim=OptimConfig(lr_geometry_encoding=1e-2, lr_geometry_mlp=1e-3, lr_material=1e-2, lr_background=1e-2),
+        camera=CameraConfig(),
+        render=RenderConfig(resolution=64, batch_size=1, turntable_views=12, turntable_resolution=128,
+                            texture_size=256),
+        steps=300,
+        checkpoint_every=100,
+        log_every=10,
+        seed=0,
+    )
