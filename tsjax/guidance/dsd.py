@@ -1,0 +1,128 @@
+"""Dual score distillation (DSD, ThemeStation eq. 5) as a pure function.
+
+    L_DSD = alpha * VSD(concept prior, colour render, t in T_concept)
+          + beta  * [VSD(reference prior, colour render, t in T_ref)
+                     + VSD(reference prior, normal render, t in T_ref)]      (normal term optional)
+
+with one shared camera-conditioned LoRA denoiser (the VSD "variational" score of the current renders),
+trained inside the same step on the detached colour (and normal) latents. The t-ranges come from the
+guidance mode (``tsjax.config.guidance_t_ranges``): DSD uses the concept prior at high noise
+``[0.5, 0.75]`` and the reference prior at low noise ``[0.1, 0.25]``; the paper's ablations change them
+or drop the reference prior (a range of ``None`` disables a term).
+
+Prompts are view-dependent: every prompt table is ``[V, L, D]`` text embeddings indexed by a per-view
+direction id (``tsjax.theme.prompts.DIRECTIONS``: front, side, back, overhead), precomputed on the host,
+so the step never tokenises.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from tsjax.guidance.vsd import Denoiser, lora_loss, vsd_term
+
+__all__ = ["PriorPrompts", "DSDSettings", "dsd_loss"]
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class PriorPrompts:
+    """A denoiser with its prompt embeddings.
+
+    denoiser: the prior (or the LoRA model). color: ``[V,L,D]`` embeddings of the colour prompt per
+    view direction; normal: ``[V,L,D]`` of the ", normal map" prompt (or None); uncond: ``[L,D]`` the
+    empty prompt (CFG; unused for the LoRA).
+    """
+
+    denoiser: Denoiser
+    color: Array
+    normal: Array | None = None
+    uncond: Array | None = None
+
+
+@flax.struct.dataclass
+class DSDSettings:
+    """Static settings (hashable metadata) of :func:`dsd_loss`.
+
+    concept_t / reference_t: (lo, hi) fractions of T or None (term off). alpha, beta: term weights.
+    guidance_scale: CFG of the priors. normal_distillation: reference prior also on the normal render.
+    camera_dropout: LoRA training camera dropout. lora_weight: weight of the LoRA loss in the total.
+    """
+
+    concept_t: tuple[float, float] | None = flax.struct.field(pytree_node=False, default=(0.5, 0.75))
+    reference_t: tuple[float, float] | None = flax.struct.field(pytree_node=False, default=(0.1, 0.25))
+    alpha: float = flax.struct.field(pytree_node=False, default=0.2)
+    beta: float = flax.struct.field(pytree_node=False, default=1.0)
+    guidance_scale: float = flax.struct.field(pytree_node=False, default=7.5)
+    normal_distillation: bool = flax.struct.field(pytree_node=False, default=True)
+    camera_dropout: float = flax.struct.field(pytree_node=False, default=0.1)
+    lora_weight: float = flax.struct.field(pytree_node=False, default=1.0)
+
+
+def _rows(table: Array, direction: Array) -> Array:
+    return table[direction]
+
+
+def dsd_loss(key: Array, *, color_latents: Array, normal_latents: Array | None, camera: Array | None,
+             direction: Array, concept: PriorPrompts | None, reference: PriorPrompts | None, lora: PriorPrompts,
+             scheduler: Any, settings: DSDSettings) -> tuple[Array, dict[str, Array]]:
+    """Total DSD + LoRA loss and named terms.
+
+    Args:
+      key: PRNG key (one fold per term).
+      color_latents: ``[B,h,w,C]`` scaled latents of the colour renders (gradient flows through them).
+      normal_latents: ``[B,h,w,C]`` latents of the normal renders, or None.
+      camera: ``[B,16]`` flattened c2w of the views (LoRA condition). direction: ``[B]`` int32 view ids.
+      concept / reference: priors with prompt tables (None, or a ``None`` t-range, disables the term).
+      lora: the shared LoRA denoiser and its colour/normal prompt tables.
+      scheduler: shared noise schedule (all models share the latent space and schedule).
+
+    Returns ``(total, metrics)``; metrics hold ``loss_concept``, ``loss_ref_color``, ``loss_ref_normal``,
+    ``loss_dsd`` (the weighted distillation part), ``loss_lora``, and the mean timesteps ``t_concept``,
+    ``t_reference`` (float32 scalars; 0 for disabled terms).
+    """
+    s = settings
+    zero = jnp.zeros((), jnp.float32)
+    ks = jax.random.split(key, 5)
+    m = {"loss_concept": zero, "loss_ref_color": zero, "loss_ref_normal": zero, "t_concept": zero,
+         "t_reference": zero}
+    B = color_latents.shape[0]
+    use_normal = s.normal_distillation and normal_latents is not None
+
+    def uncond_of(p: PriorPrompts):
+        return jnp.broadcast_to(p.uncond, (B,) + p.uncond.shape)
+
+    if concept is not None and s.concept_t is not None:
+        o = vsd_term(ks[0], color_latents, prior=concept.denoiser, lora=lora.denoiser, scheduler=scheduler,
+                     cond=_rows(concept.color, direction), uncond=uncond_of(concept), camera=camera,
+                     t_range=s.concept_t, guidance_scale=s.guidance_scale,
+                     lora_cond=_rows(lora.color, direction))
+        m["loss_concept"], m["t_concept"] = o.loss, jnp.mean(o.t.astype(jnp.float32))
+    if reference is not None and s.reference_t is not None:
+        o = vsd_term(ks[1], color_latents, prior=reference.denoiser, lora=lora.denoiser, scheduler=scheduler,
+                     cond=_rows(reference.color, direction), uncond=uncond_of(reference), camera=camera,
+                     t_range=s.reference_t, guidance_scale=s.guidance_scale,
+                     lora_cond=_rows(lora.color, direction))
+        m["loss_ref_color"], m["t_reference"] = o.loss, jnp.mean(o.t.astype(jnp.float32))
+        if use_normal:
+            if reference.normal is None or lora.normal is None:
+                raise ValueError("normal distillation needs normal-map prompt tables for the reference prior "
+                                 "and the LoRA")
+            o = vsd_term(ks[2], normal_latents, prior=reference.denoiser, lora=lora.denoiser, scheduler=scheduler,
+                         cond=_rows(reference.normal, direction), uncond=uncond_of(reference), camera=camera,
+                         t_range=s.reference_t, guidance_scale=s.guidance_scale,
+                         lora_cond=_rows(lora.normal, direction))
+            m["loss_ref_normal"] = o.loss
+    l_dsd = s.alpha * m["loss_concept"] + s.beta * (m["loss_ref_color"] + m["loss_ref_normal"])
+    l_lora = lora_loss(ks[3], color_latents, lora=lora.denoiser, scheduler=scheduler,
+                       cond=_rows(lora.color, direction), camera=camera, camera_dropout=s.camera_dropout)
+    if use_normal and reference is not None and s.reference_t is not None:
+        l_lora = 0.5 * (l_lora + lora_loss(ks[4], normal_latents, lora=lora.denoiser, scheduler=scheduler,
+                                           cond=_rows(lora.normal, direction), camera=camera,
+                                           camera_dropout=s.camera_dropout))
+    m["loss_dsd"], m["loss_lora"] = l_dsd, l_lora
+    return l_dsd + s.lora_weight * l_lora, m
