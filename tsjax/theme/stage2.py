@@ -1,0 +1,270 @@
+"""Stage 2: reference-informed 3D asset modelling (DMTet optimised with dual score distillation).
+
+One jitted, state-donating function ``step(state, inputs, key) -> (state, metrics)`` does a whole
+iteration:
+
+1. cameras: ``B`` orbit cameras sampled in the configured ranges (elevation, azimuth, distance, fovy)
+   from ``fold_in(key, state.step)``; their view-direction ids pick the prompt rows (front/side/back/
+   overhead); ``K`` of the ``N`` contextual cameras (the init-model views that were img2img-augmented)
+   are drawn without replacement.
+2. render: the DMTet surface is re-extracted (static-capacity marching tets) and the ``B + K`` views are
+   rendered in one call on white. The distilled colour image is re-composited over the background:
+   with probability ``random_background_prob`` a random solid colour, else the neural environment colour
+   (a small MLP of the world-space ray direction). Normal maps stay on white, the convention the reference
+   prior was trained with.
+3. loss (a readable sum of named terms)::
+
+       L = DSD(colour, normal latents)                         (tsjax.guidance.dsd; includes LoRA loss)
+         + contextual_weight * CX(features(K renders), features(K pseudo-views))
+         + tv * TV(albedo) + sdf_sparsity * SDF-sign BCE + opacity(step) * opacity entropy
+         + normal_consistency * (1 - cos) over mesh edges
+
+   ``opacity(step)`` ramps linearly from 0 to ``opacity`` over ``opacity_ramp_steps``. The SDF "sparsity"
+   term is DMTet's sign-change BCE (``tsjax.geometry.regularizers.sdf_sign_change``), which removes
+   spurious surface crossings.
+4. update: AdamW per parameter group (geometry encoding / geometry MLP / material / background / LoRA,
+   learning rates from the config). A step whose loss or gradients are not finite leaves the state
+   unchanged (``metrics["finite"] == 0``), so the caller can stop with the last good state.
+
+All shapes are static; the step compiles once. Arrays in ``inputs`` (tet grid, prior parameters, prompt
+tables, contextual targets) are passed as arguments, never baked into the program as constants.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from tsjax.config import CameraConfig, OptimConfig, RegularizerConfig
+from tsjax.geometry.dmtet import DMTetConfig, albedo, sdf_and_deform
+from tsjax.geometry.marching import marching_tets
+from tsjax.geometry.regularizers import normal_consistency, opacity_entropy, sdf_sign_change, total_variation
+from tsjax.geometry.render import render_trimesh
+from tsjax.guidance.dsd import DSDSettings, PriorPrompts, dsd_loss
+from tsjax.guidance.vsd import Denoiser, encode_latents
+from tsjax.metrics.vgg import contextual_loss
+from tsjax.render.camera import Cameras, camera_condition, sample_orbit_cameras
+from tsjax.theme.prompts import direction_ids
+
+__all__ = ["Stage2Spec", "Stage2Inputs", "Stage2State", "make_optimizer", "init_background", "background_color",
+           "init_state", "make_step", "patch_features", "LOSS_TERMS"]
+
+#: Names of the loss terms reported in the metrics (and checked for NaN/inf by the driver).
+LOSS_TERMS = ("loss_concept", "loss_ref_color", "loss_ref_normal", "loss_lora", "loss_contextual", "loss_tv",
+              "loss_sdf", "loss_opacity", "loss_normal_consistency")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage2Spec:
+    """Static description of the step (hashable; everything here is compile-time).
+
+    dmtet: geometry config; resolution: render side in pixels; batch_size: B distilled views per step;
+    context_views: K contextual views per step (0 disables the contextual loss); contextual_weight;
+    dsd: DSD settings; reg / camera: regulariser weights and camera ranges;
+    vae_encode: ``(vae_params, x [B,H,W,3] in [-1,1]) -> (mean, logvar)``; scaling_factor: latent scale;
+    lora_apply: ``({"base": ..., "train": ...}, x_t, t, ctx, camera) -> out`` the LoRA denoiser;
+    scheduler: the shared noise schedule; features: ``(feature_params, images [B,H,W,3] in [0,1]) ->
+    [B,h,w,C]`` for the contextual loss; backend: rasterizer backend.
+    """
+
+    dmtet: DMTetConfig
+    resolution: int
+    batch_size: int
+    context_views: int
+    contextual_weight: float
+    dsd: DSDSettings
+    reg: RegularizerConfig
+    camera: CameraConfig
+    vae_encode: Callable[..., Any]
+    scaling_factor: float
+    lora_apply: Callable[..., Any]
+    scheduler: Any
+    features: Callable[..., Any] | None = None
+    backend: str = "auto"
+
+
+@flax.struct.dataclass
+class Stage2Inputs:
+    """Per-run constant inputs of the step (a pytree passed as the ``inputs``/"batch" argument).
+
+    grid: the tet grid; vae: VAE params; concept / reference: priors with prompt tables (or None);
+    lora_base: frozen parameters the LoRA denoiser reads; lora_color / lora_normal: ``[V,L,D]`` prompt
+    tables of the LoRA model; context_feats: ``[N,h,w,C]`` features of the N contextual pseudo-views (or
+    None); context_c2w / context_proj: ``[N,4,4]`` their cameras; feature_params: params of ``features``.
+    """
+
+    grid: Any
+    vae: Any
+    concept: PriorPrompts | None
+    reference: PriorPrompts | None
+    lora_base: Any
+    lora_color: jax.Array
+    lora_normal: jax.Array | None = None
+    context_feats: jax.Array | None = None
+    context_c2w: jax.Array | None = None
+    context_proj: jax.Array | None = None
+    feature_params: Any = None
+
+
+@flax.struct.dataclass
+class Stage2State:
+    """``params = {"geo": DMTet params, "bg": background MLP, "lora": trainable LoRA params}``,
+    ``opt_state`` (optax multi-transform state), ``step`` int32 scalar."""
+
+    params: dict
+    opt_state: Any
+    step: jax.Array
+
+
+# ---------------------------------------------------------------------------------------------
+# parameters and optimiser
+# ---------------------------------------------------------------------------------------------
+
+_GEO_GROUPS = {"sdf_enc": "geometry_encoding", "sdf_mlp": "geometry_mlp", "mat_enc": "material",
+               "mat_mlp": "material"}
+
+
+def _labels(params: dict) -> dict:
+    out = {"geo": {k: jax.tree_util.tree_map(lambda _, g=_GEO_GROUPS[k]: g, v) for k, v in params["geo"].items()},
+           "bg": jax.tree_util.tree_map(lambda _: "background", params["bg"]),
+           "lora": jax.tree_util.tree_map(lambda _: "lora", params["lora"])}
+    return out
+
+
+def make_optimizer(optim: OptimConfig, lora_lr: float) -> optax.GradientTransformation:
+    """AdamW (betas, eps, weight decay from ``optim``) with one learning rate per parameter group."""
+
+    def adamw(lr):
+        return optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay)
+
+    return optax.multi_transform(
+        {"geometry_encoding": adamw(optim.lr_geometry_encoding), "geometry_mlp": adamw(optim.lr_geometry_mlp),
+         "material": adamw(optim.lr_material), "background": adamw(optim.lr_background),
+         "lora": adamw(lora_lr)}, _labels)
+
+
+def init_background(key, hidden: int = 16) -> dict:
+    """Neural environment colour: ray direction [3] -> hidden (ReLU) -> sRGB (sigmoid)."""
+    k1, k2 = jax.random.split(key)
+    return {"w1": jax.random.normal(k1, (3, hidden)) * (2.0 / 3.0) ** 0.5, "b1": jnp.zeros((hidden,)),
+            "w2": jax.random.normal(k2, (hidden, 3)) * (1.0 / hidden) ** 0.5, "b2": jnp.zeros((3,))}
+
+
+def _ray_dirs(cams: Cameras, resolution: int) -> jax.Array:
+    """World-space unit view directions [B,H,W,3] of every pixel centre (perspective cameras)."""
+    n = resolution
+    c = (2.0 * jnp.arange(n, dtype=jnp.float32) + 1.0) / n - 1.0
+    x = c[None, :]  # columns: NDC x
+    y = -c[:, None]  # rows: NDC y (row 0 = top)
+    px = x / cams.proj[:, 0, 0][:, None, None]
+    py = y / cams.proj[:, 1, 1][:, None, None]
+    d = jnp.stack([jnp.broadcast_to(px, (cams.c2w.shape[0], n, n)), jnp.broadcast_to(py, (cams.c2w.shape[0], n, n)),
+                   -jnp.ones((cams.c2w.shape[0], n, n))], -1)
+    d = jnp.einsum("bij,bhwj->bhwi", cams.c2w[:, :3, :3], d)
+    return d * jax.lax.rsqrt(jnp.sum(d * d, -1, keepdims=True))
+
+
+def background_color(bg: dict, cams: Cameras, resolution: int) -> jax.Array:
+    """Neural environment colour [B,H,W,3] (sRGB in [0,1]) seen by ``cams``."""
+    d = _ray_dirs(cams, resolution)
+    h = jax.nn.relu(d @ bg["w1"] + bg["b1"])
+    return jax.nn.sigmoid(h @ bg["w2"] + bg["b2"])
+
+
+def init_state(geo: dict, bg: dict, lora: Any, optimizer: optax.GradientTransformation) -> Stage2State:
+    """Fresh state (float32 params, optimiser state, step 0)."""
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), {"geo": geo, "bg": bg, "lora": lora})
+    return Stage2State(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
+
+
+def patch_features(_params: Any, images: jax.Array, *, patch: int = 5, stride: int = 2) -> jax.Array:
+    """Weight-free contextual features: ``patch x patch`` RGB patches at ``stride`` -> [B,h,w,3*patch^2].
+
+    Used for the contextual loss when no VGG19 file is given (``--vgg``): contextual similarity of raw
+    colour patches compares local colour/texture statistics without any learned network.
+    """
+    x = jnp.transpose(images, (0, 3, 1, 2))
+    p = jax.lax.conv_general_dilated_patches(x, (patch, patch), (stride, stride), "SAME")
+    return jnp.transpose(p, (0, 2, 3, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# the step
+# ---------------------------------------------------------------------------------------------
+
+
+def make_step(spec: Stage2Spec, optimizer: optax.GradientTransformation
+              ) -> Callable[[Stage2State, Stage2Inputs, jax.Array], tuple[Stage2State, dict]]:
+    """Build the jitted stage-2 step (``state`` donated). See the module docstring."""
+    B, K, R = spec.batch_size, spec.context_views, spec.resolution
+    cam = spec.camera
+    reg = spec.reg
+    dm = spec.dmtet
+
+    def loss_fn(train: dict, step: jax.Array, inputs: Stage2Inputs, key: jax.Array):
+        k_cam, k_bg, k_col, k_ctx, k_dsd = jax.random.split(key, 5)
+        cams, cp = sample_orbit_cameras(k_cam, B, elevation=cam.elevation, azimuth=cam.azimuth,
+                                        distance=cam.distance, fovy=cam.fovy)
+        direction = direction_ids(cp["elevation"], cp["azimuth"])
+        all_cams = cams
+        idx = None
+        if K > 0:
+            n_ctx = inputs.context_c2w.shape[0]
+            idx = jax.random.choice(k_ctx, n_ctx, (K,), replace=False)
+            all_cams = Cameras(jnp.concatenate([cams.c2w, inputs.context_c2w[idx]], 0),
+                               jnp.concatenate([cams.proj, inputs.context_proj[idx]], 0))
+        geo = train["geo"]
+        grid = inputs.grid
+        sdf, deform = sdf_and_deform(geo, grid.verts, dm, step)
+        mesh = marching_tets(grid.verts + deform, sdf, grid, max_faces=dm.max_faces, max_verts=dm.max_verts)
+        out = render_trimesh(mesh, lambda p: albedo(geo, p, dm), all_cams, R, background=(1.0, 1.0, 1.0),
+                             backend=spec.backend)
+        color_w, normal_w, mask = out["color"][:B], out["normal"][:B], out["mask"][:B]
+        env = background_color(train["bg"], cams, R)
+        solid = jax.random.uniform(k_col, (B, 1, 1, 3))
+        use_solid = jax.random.bernoulli(k_bg, cam.random_background_prob, (B, 1, 1, 1))
+        bg = jnp.where(use_solid, solid, env)
+        color = color_w + (1.0 - mask) * (bg - 1.0)  # exact re-compositing of the white-background render
+
+        z_c = encode_latents(spec.vae_encode, inputs.vae, color, spec.scaling_factor)
+        need_normal = spec.dsd.normal_distillation and inputs.reference is not None and spec.dsd.reference_t
+        z_n = encode_latents(spec.vae_encode, inputs.vae, normal_w, spec.scaling_factor) if need_normal else None
+        lora = PriorPrompts(Denoiser(spec.lora_apply, {"base": inputs.lora_base, "train": train["lora"]}),
+                            inputs.lora_color, inputs.lora_normal)
+        total, m = dsd_loss(k_dsd, color_latents=z_c, normal_latents=z_n, camera=camera_condition(cams),
+                            direction=direction, concept=inputs.concept, reference=inputs.reference, lora=lora,
+                            scheduler=spec.scheduler, settings=spec.dsd)
+        zero = jnp.zeros((), jnp.float32)
+        l_cx = zero
+        if K > 0:
+            f = spec.features(inputs.feature_params, out["color"][B:])
+            l_cx = jnp.mean(contextual_loss(f, inputs.context_feats[idx]))
+        l_tv = total_variation(out["albedo"][:B])
+        l_sdf = sdf_sign_change(sdf, grid.edges)
+        l_op = opacity_entropy(mask)
+        l_nc = normal_consistency(mesh)
+        w_op = reg.opacity * jnp.minimum(step.astype(jnp.float32) / max(reg.opacity_ramp_steps, 1), 1.0)
+        total = (total + spec.contextual_weight * l_cx + reg.tv * l_tv + reg.sdf_sparsity * l_sdf + w_op * l_op
+                 + reg.normal_consistency * l_nc)
+        m.update(loss_contextual=l_cx, loss_tv=l_tv, loss_sdf=l_sdf, loss_opacity=l_op,
+                 loss_normal_consistency=l_nc, loss=total, num_faces=mesh.num_faces.astype(jnp.float32),
+                 overflow=mesh.overflow.astype(jnp.float32), mask_mean=jnp.mean(mask))
+        return total, m
+
+    def step_fn(state: Stage2State, inputs: Stage2Inputs, key: jax.Array):
+        k = jax.random.fold_in(key, state.step)
+        (_, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.step, inputs, k)
+        gnorm = optax.tree.norm(grads)
+        finite = jnp.isfinite(m["loss"]) & jnp.isfinite(gnorm)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new = Stage2State(params=params, opt_state=opt_state, step=state.step + 1)
+        new = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, state)
+        m.update(grad_norm=gnorm, finite=finite.astype(jnp.float32))
+        return new, m
+
+    return jax.jit(step_fn, donate_argnums=(0,))
