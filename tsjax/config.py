@@ -83,14 +83,16 @@ class ThemePriorConfig:
     n_concepts: concept images sampled; the one used is ranked (lowest denoising loss under the theme
       prior, or CLIP when available) or chosen with ``--concept``.
     concept_elevation / concept_azimuth: viewpoint of the concept image (camera condition).
+    camera_distance / camera_fovy: perspective of the exemplar renders and the concept view, chosen at
+      the centre of the stage-2 camera ranges so the priors see objects at the framing they distil.
     """
 
     train: PriorTrainConfig = PriorTrainConfig()
     n_views: int = 20
     steps_single: int = 200
     steps_group: int = 400
-    camera_distance: float = 2.2
-    camera_fovy: float = 40.0
+    camera_distance: float = 1.6
+    camera_fovy: float = 75.0
     n_concepts: int = 4
     sample_steps: int = 50
     guidance_scale: float = 7.5
@@ -204,6 +206,7 @@ class GeometryConfig:
 
     grid_resolution: tetrahedral grid resolution (cells per side) over [-scale/2, scale/2]^3.
     max_faces / max_verts: static capacities of the extracted mesh (0 = derived from the grid).
+    progressive_update_steps: steps between enabling successive SDF hash-grid levels (coarse-to-fine).
     """
 
     grid_resolution: int = 192
@@ -219,6 +222,7 @@ class GeometryConfig:
     material_layers: int = 2
     max_faces: int = 0
     max_verts: int = 0
+    progressive_update_steps: int = 500
 
 
 @_frozen

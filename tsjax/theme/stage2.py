@@ -8,7 +8,8 @@ iteration:
    overhead); ``K`` of the ``N`` contextual cameras (the init-model views that were img2img-augmented)
    are drawn without replacement.
 2. render: the DMTet surface is re-extracted (static-capacity marching tets) and the ``B + K`` views are
-   rendered in one call on white. The distilled colour image is re-composited over the background:
+   rendered in one call on white (head-light Lambert shading of the sRGB albedo field by default, the
+   shading of the exemplar renders). The distilled colour image is re-composited over the background:
    with probability ``random_background_prob`` a random solid colour, else the neural environment colour
    (a small MLP of the world-space ray direction). Normal maps stay on white, the convention the reference
    prior was trained with.
@@ -68,7 +69,8 @@ class Stage2Spec:
     vae_encode: ``(vae_params, x [B,H,W,3] in [-1,1]) -> (mean, logvar)``; scaling_factor: latent scale;
     lora_apply: ``({"base": ..., "train": ...}, x_t, t, ctx, camera) -> out`` the LoRA denoiser;
     scheduler: the shared noise schedule; features: ``(feature_params, images [B,H,W,3] in [0,1]) ->
-    [B,h,w,C]`` for the contextual loss; backend: rasterizer backend.
+    [B,h,w,C]`` for the contextual loss; shading: "lambert" (head-light, as the exemplar renders the
+    priors learnt from) or "unlit" colour renders; backend: rasterizer backend.
     """
 
     dmtet: DMTetConfig
@@ -84,6 +86,7 @@ class Stage2Spec:
     lora_apply: Callable[..., Any]
     scheduler: Any
     features: Callable[..., Any] | None = None
+    shading: str = "lambert"
     backend: str = "auto"
 
 
@@ -222,7 +225,7 @@ def make_step(spec: Stage2Spec, optimizer: optax.GradientTransformation
         sdf, deform = sdf_and_deform(geo, grid.verts, dm, step)
         mesh = marching_tets(grid.verts + deform, sdf, grid, max_faces=dm.max_faces, max_verts=dm.max_verts)
         out = render_trimesh(mesh, lambda p: albedo(geo, p, dm), all_cams, R, background=(1.0, 1.0, 1.0),
-                             backend=spec.backend)
+                             shading=spec.shading, backend=spec.backend)
         color_w, normal_w, mask = out["color"][:B], out["normal"][:B], out["mask"][:B]
         env = background_color(train["bg"], cams, R)
         solid = jax.random.uniform(k_col, (B, 1, 1, 3))

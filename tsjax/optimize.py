@@ -1,0 +1,96 @@
+"""``python -m tsjax.optimize``: ThemeStation, theme-aware 3D-to-3D generation, end to end.
+
+Examples::
+
+    # CPU preset (default): built-in toy-houses theme, tiny from-scratch priors, minutes on 2 cores
+    python -m tsjax.optimize --out runs/demo
+    # your exemplars, the paper's settings (needs a local Stable Diffusion 2.1-base folder)
+    python -m tsjax.optimize --exemplars my_owls/ --class owl --config paper --weights sd21-base/ --out runs/owls
+    # ablation (b) of the paper, 3 assets, stop/resume
+    python -m tsjax.optimize --set guidance.mode=naive --num-assets 3 --out runs/naive   # Ctrl-C ...
+    python -m tsjax.optimize --set guidance.mode=naive --num-assets 3 --out runs/naive --resume
+
+Outputs in ``--out``: ``index.html`` (gallery: exemplars, concept images, init, results side by side),
+``manifest.json``, ``config.json``, ``concepts/``, ``exemplars/`` and per asset ``asset_<k>/`` with
+``model.glb``, ``model.obj``, turntables (``turntable_color.png``, ``turntable_normal.png``,
+``turntable.gif``), ``loss_curve.png``, ``metrics.jsonl`` and the stage-2 checkpoints ``ckpt/``.
+
+User errors (missing exemplars or weights, an existing ``--out``, a NaN loss, ...) print one line
+``error: ...`` and exit with status 2; Ctrl-C saves a checkpoint and exits with 130.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+__all__ = ["build_parser", "main", "config_from_args"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tsjax.optimize", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--exemplars", default=None,
+                   help="folder of exemplar meshes (GLB/glTF/OBJ) or builtin:NAME (default: the config's, "
+                        "builtin:toy-houses)")
+    p.add_argument("--class", dest="class_name", default=None, help="object class used in the prompts (e.g. house)")
+    p.add_argument("--config", default="tiny", help="tiny | paper | PATH.py defining get_config() (default tiny)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set guidance.alpha=0.3 (repeatable)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--resume", action="store_true", help="continue a stopped run in --out (same config)")
+    p.add_argument("--num-assets", type=int, default=1, help="number of assets (best-ranked concept images)")
+    p.add_argument("--init", dest="init_mesh", default=None, metavar="MESH",
+                   help="initial 3D model (else: nearest exemplar to the concept silhouette)")
+    p.add_argument("--concept", default=None, metavar="IDX|PATH",
+                   help="concept image: index into the sampled ones, or an image file")
+    p.add_argument("--weights", default=None, metavar="DIR", help="local Stable Diffusion 2.1-base folder (paper)")
+    p.add_argument("--vgg", default=None, metavar="FILE",
+                   help="torchvision VGG19 weights for the contextual loss (else RGB-patch features)")
+    p.add_argument("--steps", type=int, default=None, help="stage-2 steps (overrides the config)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (overrides the config)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def config_from_args(args: argparse.Namespace):
+    """The :class:`tsjax.config.Config` selected by ``--config`` with ``--set``/shortcut overrides."""
+    from tsjax.config import apply_overrides, load_config
+
+    cfg = load_config(args.config)
+    cfg = apply_overrides(cfg, args.overrides)
+    if args.exemplars is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, exemplars=args.exemplars))
+    if args.class_name is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, class_name=args.class_name))
+    if args.steps is not None:
+        if args.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {args.steps}")
+        cfg = dataclasses.replace(cfg, steps=args.steps)
+    if args.seed is not None:
+        cfg = dataclasses.replace(cfg, seed=args.seed)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from tsjax.theme.pipeline import NonFiniteLossError, RunOptions, run
+
+        cfg = config_from_args(args)
+        opts = RunOptions(out=Path(args.out), num_assets=args.num_assets, init_mesh=args.init_mesh,
+                          concept=args.concept, weights=args.weights, vgg=args.vgg, resume=args.resume,
+                          overwrite=args.overwrite, progress=not args.no_progress)
+        manifest = run(cfg, opts)
+    except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    total = manifest["timings"]["total_s"]
+    print(f"wrote {len(manifest['assets'])} asset(s) to {args.out} in {total:.0f} s; open {Path(args.out) / 'index.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
