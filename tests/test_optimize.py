@@ -1,0 +1,66 @@
+"""``python -m tsjax.optimize``: user errors (one line, exit 2) and end-to-end runs of the tiny preset."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tsjax.optimize import main
+
+
+def _err(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_no_meshes_in_exemplars(tmp_path, capsys):
+    (tmp_path / "ex").mkdir()
+    (tmp_path / "ex" / "notes.txt").write_text("no meshes here")
+    assert main(["--exemplars", str(tmp_path / "ex"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "no mesh files" in _err(capsys)
+    assert main(["--exemplars", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "does not exist" in _err(capsys)
+
+
+def test_paper_needs_weights(tmp_path, capsys):
+    assert main(["--config", "paper", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "--weights" in _err(capsys)
+    w = tmp_path / "sd"
+    w.mkdir()
+    (w / "model_index.json").write_text("{}")
+    (w / "unet").mkdir()
+    assert main(["--config", "paper", "--weights", str(w), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    msg = _err(capsys)
+    assert "missing vae, text_encoder, tokenizer, scheduler" in msg and str(w) in msg
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_out_needs_resume_or_overwrite(tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "something").write_text("x")
+    assert main(["--out", str(out), "--no-progress"]) == 2
+    assert "already exists; pass --resume" in _err(capsys)
+    assert main(["--out", str(out), "--resume", "--no-progress"]) == 2
+    assert "config.json missing" in _err(capsys)
+    assert main(["--out", str(tmp_path / "fresh"), "--resume", "--no-progress"]) == 2
+    assert "nothing to resume" in _err(capsys)
+
+
+def test_bad_overrides_and_args(tmp_path, capsys):
+    assert main(["--out", str(tmp_path / "o"), "--set", "guidance.alhpa=1", "--no-progress"]) == 2
+    assert "unknown config key" in _err(capsys)
+    assert main(["--out", str(tmp_path / "o"), "--steps", "0", "--no-progress"]) == 2
+    assert "--steps must be >= 1" in _err(capsys)
+    assert main(["--out", str(tmp_path / "o"), "--concept", str(tmp_path / "c.png"), "--no-progress"]) == 2
+    assert "image file not found" in _err(capsys)
+    assert main(["--out", str(tmp_path / "o"), "--vgg", str(tmp_path / "v.pth"), "--no-progress"]) == 2
+    assert "VGG19 weights file not found" in _err(capsys)
+    assert main(["--out", str(tmp_path / "o"), "--config", "nope", "--no-progress"]) == 2
+    assert "no preset named 'nope'" in _err(capsys)
+
+
+def test_module_entry_point_help():
+    r = subprocess.run([sys.executable, "-m", "tsjax.optimize", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--exemplars" in r.stdout and "--resume" in r.stdout
