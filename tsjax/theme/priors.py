@@ -110,7 +110,10 @@ def finetune_unet(model, unet_params: Any, images: np.ndarray, prompts: Sequence
     use_cam = cameras is not None and cfg.camera
     step = make_finetune_step(lambda p, x, t, c, cam: model.unet_apply(p["unet"], x, t, c, cam), model.scheduler,
                               opt, trainable, config=FinetuneConfig(camera_dropout=cfg.camera_dropout))
-    state = resume_state if resume_state is not None else init_train_state({"unet": unet_params}, opt, trainable)
+    if resume_state is None:  # copy: the step donates its state, the caller keeps ``unet_params``
+        state = init_train_state({"unet": jax.tree_util.tree_map(jnp.copy, unet_params)}, opt, trainable)
+    else:
+        state = resume_state
     rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2 ** 31 - 1)))
     cams = None if not use_cam else jnp.asarray(cameras, jnp.float32)
     for i in range(steps):

@@ -179,8 +179,9 @@ def background_color(bg: dict, cams: Cameras, resolution: int) -> jax.Array:
 
 
 def init_state(geo: dict, bg: dict, lora: Any, optimizer: optax.GradientTransformation) -> Stage2State:
-    """Fresh state (float32 params, optimiser state, step 0)."""
-    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), {"geo": geo, "bg": bg, "lora": lora})
+    """Fresh state (float32 copies of the params, optimiser state, step 0; the step donates it, so the
+    caller's arrays, e.g. a LoRA's base-model leaves, are never aliased)."""
+    params = jax.tree_util.tree_map(lambda x: jnp.array(x, jnp.float32, copy=True), {"geo": geo, "bg": bg, "lora": lora})
     return Stage2State(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
 
 
