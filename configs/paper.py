@@ -22,7 +22,7 @@ def get_config() -> Config:
                                              n_color=30, n_normal=30),
         guidance=GuidanceConfig(mode="dsd", alpha=0.2, beta=1.0, guidance_scale=7.5, lora_rank=4, lora_lr=1e-4,
                                 contextual=True, contextual_weight=100.0, contextual_views=4),
-        geometry=GeometryConfig(grid_resolution=192),
+        geometry=GeometryConfig(grid_resolution=192, max_faces=600_000),
         render=RenderConfig(resolution=512, batch_size=1, turntable_views=36, turntable_resolution=512,
                             texture_size=1024),
         steps=5000,

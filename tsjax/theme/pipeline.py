@@ -132,7 +132,8 @@ def _cached(path: Path, fn: Callable[[], Any]) -> Any:
 
 def build_dmtet_config(cfg: Config):
     """:class:`tsjax.geometry.dmtet.DMTetConfig` from the geometry section (capacities derived when 0:
-    ``max_faces = max(8192, 16 * grid_resolution^2)``)."""
+    ``max_faces = max(8192, 48 * grid_resolution^2)``, room for a surface a few times the area of the
+    grid's mid-section)."""
     from tsjax.geometry.dmtet import DMTetConfig
     from tsjax.geometry.hashgrid import HashGridConfig
 
@@ -140,7 +141,7 @@ def build_dmtet_config(cfg: Config):
     hg = HashGridConfig(n_levels=g.n_levels, n_features=g.n_features_per_level,
                         log2_table_size=g.log2_hashmap_size, base_resolution=g.base_resolution,
                         per_level_scale=g.per_level_scale)
-    max_faces = g.max_faces or max(8192, 16 * g.grid_resolution ** 2)
+    max_faces = g.max_faces or max(8192, 48 * g.grid_resolution ** 2)
     return DMTetConfig(grid_resolution=g.grid_resolution, grid_scale=g.grid_scale, max_faces=max_faces,
                        max_verts=g.max_verts or None, sdf_grid=hg, sdf_hidden=g.sdf_hidden, sdf_layers=g.sdf_layers,
                        material_grid=hg, material_hidden=g.material_hidden, material_layers=g.material_layers,
@@ -568,6 +569,7 @@ def _stage2(cfg: Config, opts: RunOptions, base, adir: Path, akey, *, init_mesh,
                     raise NonFiniteLossError(
                         f"non-finite loss at stage-2 step {i} in {what}; stopped, last good state kept in "
                         f"{adir / 'ckpt'} (step {int(new.step)})")
+                mh["time_s"] = time.perf_counter() - t0
                 mf.write(json.dumps({"step": i, **mh}) + "\n")
                 if i % max(cfg.log_every, 1) == 0:
                     mf.flush()
@@ -608,7 +610,8 @@ def _asset_outputs(cfg: Config, opts: RunOptions, adir: Path, result: dict, exem
         raise ValueError(f"{adir.name}: stage 2 produced an empty surface (no faces); try more init steps or "
                          f"a different --init")
     verts, faces = compact_mesh(mesh)
-    files = export_asset(adir, verts, faces, lambda p: albedo(geo, p, dm), texture_size=cfg.render.texture_size)
+    files = export_asset(adir, verts, faces, lambda p: albedo(geo, p, dm), texture_size=cfg.render.texture_size,
+                         backend=opts.backend)
     n = cfg.render.turntable_views
     tr = cfg.render.turntable_resolution
     cams = make_cameras(np.full(n, 15.0), np.linspace(0.0, 360.0, n, endpoint=False), 1.9, fovy=45.0)
