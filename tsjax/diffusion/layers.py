@@ -1,0 +1,276 @@
+"""Building blocks shared by the Flax Stable Diffusion modules (UNet, VAE, CLIP text encoder).
+
+Conventions (all modules of ``tsjax.diffusion``):
+
+* Activations are **NHWC** (images/feature maps ``[B, H, W, C]``) or ``[B, N, C]`` (token sequences).
+* Parameters are float32 (``param_dtype``); ``dtype`` is the *compute* dtype (float32 by default,
+  ``jnp.bfloat16`` for mixed precision). Normalisation statistics are always computed in float32.
+* Sub-module names follow the PyTorch (diffusers / transformers) module paths with list indices joined
+  by ``_``: torch ``down_blocks.0.attentions.1.to_out.0.weight`` is Flax
+  ``down_blocks_0/attentions_1/to_out_0/kernel``. ``tsjax.diffusion.convert`` relies on this.
+* Numerics follow PyTorch: exact (erf) GELU, GroupNorm ``eps`` 1e-5 in UNet resnets, 1e-6 in the UNet
+  transformer's input norm and everywhere in the VAE, LayerNorm ``eps`` 1e-5, two-pass variance.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+__all__ = ["ATTENTION_IMPLS", "attention", "timestep_embedding", "group_norm", "LayerNorm", "Attention",
+           "FeedForward", "BasicTransformerBlock", "Transformer2D", "ResnetBlock2D", "Downsample2D",
+           "Upsample2D", "TimestepEmbedding", "dense", "conv"]
+
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum")
+
+
+def dense(features: int, name: str, dtype: Dtype, use_bias: bool = True) -> nn.Dense:
+    """A float32-parameter ``nn.Dense`` (kernel ``[in, out]`` = torch ``weight.T``) computing in ``dtype``."""
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def conv(features: int, kernel: int, name: str, dtype: Dtype, stride: int = 1, padding: Any = None) -> nn.Conv:
+    """A float32-parameter ``nn.Conv`` (kernel HWIO = torch OIHW transposed); default padding ``k // 2``."""
+    p = kernel // 2 if padding is None else padding
+    pad = ((p, p), (p, p)) if isinstance(p, int) else p
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=pad, dtype=dtype,
+                   param_dtype=jnp.float32, name=name)
+
+
+def group_norm(num_groups: int, epsilon: float, name: str, dtype: Dtype) -> nn.GroupNorm:
+    """``torch.nn.GroupNorm`` on NHWC / ``[B, N, C]`` (params ``scale``/``bias``), float32 two-pass stats."""
+    return nn.GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32,
+                        use_fast_variance=False, name=name)
+
+
+def LayerNorm(epsilon: float, name: str, dtype: Dtype) -> nn.LayerNorm:  # noqa: N802 (factory)
+    """``torch.nn.LayerNorm`` over the last axis (params ``scale``/``bias``), float32 statistics."""
+    return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32, use_fast_variance=False, name=name)
+
+
+def _resolve_impl(impl: str, dtype) -> str:
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    # cuDNN flash attention only handles fp16/bf16; everything else goes through XLA.
+    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return "cudnn"
+    return "xla"
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "auto", is_causal: bool = False) -> jax.Array:
+    """Scaled dot-product attention ``softmax(q k^T / sqrt(D)) v``.
+
+    Args:
+      q: ``[B, N, H, D]``; k, v: ``[B, M, H, D]`` (same dtype).
+      impl: ``"xla"`` / ``"cudnn"`` (``jax.nn.dot_product_attention`` with that implementation),
+        ``"einsum"`` (explicit einsum + float32 softmax), or ``"auto"``: cuDNN on GPU for bf16/fp16 inputs,
+        XLA otherwise.
+      is_causal: mask keys after the query position (``N == M``).
+    Returns ``[B, N, H, D]`` in ``q.dtype``.
+    """
+    impl = _resolve_impl(impl, q.dtype)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if impl == "einsum":
+        logits = jnp.einsum("bnhd,bmhd->bhnm", q, k).astype(jnp.float32) * scale
+        if is_causal:
+            n, m = logits.shape[-2:]
+            logits = jnp.where(jnp.tril(jnp.ones((n, m), bool)), logits, jnp.finfo(jnp.float32).min)
+        w = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        return jnp.einsum("bhnm,bmhd->bnhd", w, v)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=is_causal, implementation=impl)
+
+
+def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift: float,
+                       max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal timestep features as diffusers' ``get_timestep_embedding`` (float32).
+
+    ``freqs_i = exp(-ln(max_period) * i / (dim/2 - freq_shift))``; output ``[sin(t f), cos(t f)]`` (or
+    ``[cos, sin]`` with ``flip_sin_to_cos``), zero-padded to ``dim`` when ``dim`` is odd.
+    ``timesteps``: ``[B]`` (int or float, may be fractional). Returns ``[B, dim]`` float32.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32)
+    exponent = exponent / (half - freq_shift)
+    emb = timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    emb = jnp.concatenate([jnp.sin(emb), jnp.cos(emb)], axis=-1)
+    if flip_sin_to_cos:
+        emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+    if dim % 2 == 1:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """diffusers ``TimestepEmbedding``: ``linear_2(silu(linear_1(x)))``, ``[B, in] -> [B, features]``.
+
+    Also used as the camera embedding (``in`` = 16, the flattened row-major camera-to-world matrix).
+    """
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = dense(self.features, "linear_1", self.dtype)(x)
+        return dense(self.features, "linear_2", self.dtype)(nn.silu(x))
+
+
+class Attention(nn.Module):
+    """diffusers ``Attention`` (``to_q``, ``to_k``, ``to_v``, ``to_out.0``) on token sequences.
+
+    ``x`` ``[B, N, C]``; ``context`` ``[B, M, Cc]`` (cross-attention) or None (self-attention).
+    Returns ``[B, N, out_dim]`` (``out_dim`` defaults to ``C``). ``qkv_bias``: SD UNets have none, the VAE
+    mid-block attention has them.
+    """
+
+    heads: int
+    dim_head: int
+    out_dim: int | None = None
+    qkv_bias: bool = False
+    impl: str = "auto"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context=None):
+        inner = self.heads * self.dim_head
+        ctx = x if context is None else context
+        b, n = x.shape[:2]
+        m = ctx.shape[1]
+        q = dense(inner, "to_q", self.dtype, self.qkv_bias)(x).reshape(b, n, self.heads, self.dim_head)
+        k = dense(inner, "to_k", self.dtype, self.qkv_bias)(ctx).reshape(b, m, self.heads, self.dim_head)
+        v = dense(inner, "to_v", self.dtype, self.qkv_bias)(ctx).reshape(b, m, self.heads, self.dim_head)
+        o = attention(q, k, v, impl=self.impl).reshape(b, n, inner)
+        return dense(self.out_dim or x.shape[-1], "to_out_0", self.dtype)(o)
+
+
+class _GEGLU(nn.Module):
+    inner: int
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x):
+        h, gate = jnp.split(dense(2 * self.inner, "proj", self.dtype)(x), 2, axis=-1)
+        return h * nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+    """diffusers ``FeedForward`` with GEGLU (``net.0.proj``: C -> 2 * mult * C, ``net.2``: mult * C -> C)."""
+
+    mult: int = 4
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        dim = x.shape[-1]
+        h = _GEGLU(self.mult * dim, self.dtype, name="net_0")(x)
+        return dense(dim, "net_2", self.dtype)(h)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Self-attention, cross-attention, GEGLU feed-forward, each pre-LayerNorm (eps 1e-5) and residual.
+
+    ``x`` ``[B, N, C]`` with ``C = heads * dim_head``; ``context`` ``[B, M, cross_attention_dim]``.
+    """
+
+    heads: int
+    dim_head: int
+    impl: str = "auto"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context):
+        a = dict(heads=self.heads, dim_head=self.dim_head, impl=self.impl, dtype=self.dtype)
+        x = x + Attention(**a, name="attn1")(LayerNorm(1e-5, "norm1", self.dtype)(x))
+        x = x + Attention(**a, name="attn2")(LayerNorm(1e-5, "norm2", self.dtype)(x), context)
+        return x + FeedForward(dtype=self.dtype, name="ff")(LayerNorm(1e-5, "norm3", self.dtype)(x))
+
+
+class Transformer2D(nn.Module):
+    """diffusers ``Transformer2DModel`` (continuous input) on NHWC maps: ``[B, H, W, C] -> [B, H, W, C]``.
+
+    GroupNorm (eps 1e-6) -> ``proj_in`` (1x1 conv, or Linear after flattening when ``use_linear_projection``,
+    SD 2.x) -> ``depth`` transformer blocks -> ``proj_out`` -> residual.
+    """
+
+    heads: int
+    dim_head: int
+    depth: int = 1
+    use_linear_projection: bool = False
+    norm_num_groups: int = 32
+    impl: str = "auto"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context):
+        b, h, w, c = x.shape
+        inner = self.heads * self.dim_head
+        y = group_norm(self.norm_num_groups, 1e-6, "norm", self.dtype)(x)
+        if self.use_linear_projection:
+            y = dense(inner, "proj_in", self.dtype)(y.reshape(b, h * w, c))
+        else:
+            y = conv(inner, 1, "proj_in", self.dtype)(y).reshape(b, h * w, inner)
+        for i in range(self.depth):
+            y = BasicTransformerBlock(self.heads, self.dim_head, self.impl, self.dtype,
+                                      name=f"transformer_blocks_{i}")(y, context)
+        if self.use_linear_projection:
+            y = dense(c, "proj_out", self.dtype)(y).reshape(b, h, w, c)
+        else:
+            y = conv(c, 1, "proj_out", self.dtype)(y.reshape(b, h, w, inner))
+        return y + x
+
+
+class ResnetBlock2D(nn.Module):
+    """diffusers ``ResnetBlock2D`` (``resnet_time_scale_shift="default"``, output scale 1).
+
+    ``x`` ``[B, H, W, Cin]``, ``temb`` ``[B, T]`` or None -> ``[B, H, W, out_channels]``;
+    ``conv_shortcut`` (1x1) exists iff ``Cin != out_channels``.
+    """
+
+    out_channels: int
+    groups: int = 32
+    eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, temb=None):
+        h = nn.silu(group_norm(self.groups, self.eps, "norm1", self.dtype)(x))
+        h = conv(self.out_channels, 3, "conv1", self.dtype)(h)
+        if temb is not None:
+            h = h + dense(self.out_channels, "time_emb_proj", self.dtype)(nn.silu(temb))[:, None, None, :]
+        h = nn.silu(group_norm(self.groups, self.eps, "norm2", self.dtype)(h))
+        h = conv(self.out_channels, 3, "conv2", self.dtype)(h)
+        if x.shape[-1] != self.out_channels:
+            x = conv(self.out_channels, 1, "conv_shortcut", self.dtype)(x)
+        return x + h
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3x3 conv (``conv``). ``padding``: 1 = symmetric (UNet), 0 = pad right/bottom by one (VAE)."""
+
+    channels: int
+    padding: int = 1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        pad = ((1, 1), (1, 1)) if self.padding == 1 else ((0, 1), (0, 1))
+        return conv(self.channels, 3, "conv", self.dtype, stride=2, padding=pad)(x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour 2x upsampling then 3x3 conv (``conv``): ``[B,H,W,C] -> [B,2H,2W,channels]``."""
+
+    channels: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return conv(self.channels, 3, "conv", self.dtype)(x)
