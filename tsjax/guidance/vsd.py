@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["Denoiser", "VSDOut", "sample_timesteps", "cfg_prediction", "encode_latents", "vsd_term",
-           "lora_loss", "vsd_weight"]
+           "vsd_noise", "vsd_finish", "lora_noise", "lora_loss", "vsd_weight"]
 
 Array = jax.Array
 
@@ -115,6 +115,36 @@ def encode_latents(vae_encode: Callable[[Any, Array], tuple[Array, Array]], vae_
     return mean.astype(jnp.float32) * scaling_factor
 
 
+def vsd_noise(key: Array, latents: Array, scheduler: Any, t_range: tuple[float, float]
+              ) -> tuple[Array, Array, Array]:
+    """The random part of a VSD term: ``(t [B] int32, noise [B,h,w,C], x_t)`` on detached ``latents``.
+
+    Uses ``key`` exactly as :func:`vsd_term` does, so a fused implementation that draws with this
+    function reproduces the per-term draws bit for bit.
+    """
+    B = latents.shape[0]
+    k_t, k_n = jax.random.split(key)
+    t = sample_timesteps(k_t, B, t_range, int(scheduler.num_train_timesteps))
+    noise = jax.random.normal(k_n, latents.shape, jnp.float32)
+    x_t = scheduler.add_noise(jax.lax.stop_gradient(latents), noise, t)
+    return t, noise, x_t
+
+
+def vsd_finish(latents: Array, t: Array, noise: Array, x_t: Array, out_prior: Array, out_lora: Array, *,
+               scheduler: Any, lora_scheduler: Any = None) -> VSDOut:
+    """The deterministic part of a VSD term from the raw CFG prior output and the raw LoRA output
+    (both ``[B,h,w,C]``, any float dtype; converted to float32 before use). See :func:`vsd_term`."""
+    B = latents.shape[0]
+    eps_prior = scheduler.predict_epsilon(out_prior.astype(jnp.float32), t, x_t)
+    lsched = scheduler if lora_scheduler is None else lora_scheduler
+    eps_lora = lsched.predict_epsilon(jax.lax.stop_gradient(out_lora).astype(jnp.float32), t, x_t)
+    w = _expand(vsd_weight(scheduler.alphas_cumprod, t), latents.ndim)
+    grad = jax.lax.stop_gradient(jnp.nan_to_num(w * (eps_prior - eps_lora)))
+    target = jax.lax.stop_gradient(latents - grad)
+    loss = 0.5 * jnp.sum(jnp.square(latents - target)) / B
+    return VSDOut(loss, grad, t, noise, jax.lax.stop_gradient(eps_prior), jax.lax.stop_gradient(eps_lora), x_t)
+
+
 def vsd_term(key: Array, latents: Array, *, prior: Denoiser, lora: Denoiser, scheduler: Any, cond: Array,
              uncond: Array, camera: Array | None, t_range: tuple[float, float], guidance_scale: float,
              lora_cond: Array | None = None, lora_scheduler: Any = None) -> VSDOut:
@@ -131,34 +161,17 @@ def vsd_term(key: Array, latents: Array, *, prior: Denoiser, lora: Denoiser, sch
       lora_cond: text embeddings for the LoRA (default ``cond``; differs when the LoRA has its own text
         encoder). lora_scheduler: the LoRA's scheduler if its prediction type differs (default ``scheduler``).
     """
-    B = latents.shape[0]
-    T = int(scheduler.num_train_timesteps)
-    k_t, k_n = jax.random.split(key)
-    t = sample_timesteps(k_t, B, t_range, T)
-    noise = jax.random.normal(k_n, latents.shape, jnp.float32)
-    z_sg = jax.lax.stop_gradient(latents)
-    x_t = scheduler.add_noise(z_sg, noise, t)
+    t, noise, x_t = vsd_noise(key, latents, scheduler, t_range)
     out_p = cfg_prediction(prior, x_t, t, cond, uncond, camera, guidance_scale)
-    eps_prior = scheduler.predict_epsilon(out_p.astype(jnp.float32), t, x_t)
-    lsched = scheduler if lora_scheduler is None else lora_scheduler
     lora_sg = Denoiser(lora.apply, jax.lax.stop_gradient(lora.params))
     out_l = lora_sg.apply(lora_sg.params, x_t, t, cond if lora_cond is None else lora_cond, camera)
-    eps_lora = lsched.predict_epsilon(out_l.astype(jnp.float32), t, x_t)
-    w = _expand(vsd_weight(scheduler.alphas_cumprod, t), latents.ndim)
-    grad = jax.lax.stop_gradient(jnp.nan_to_num(w * (eps_prior - eps_lora)))
-    target = jax.lax.stop_gradient(latents - grad)
-    loss = 0.5 * jnp.sum(jnp.square(latents - target)) / B
-    return VSDOut(loss, grad, t, noise, jax.lax.stop_gradient(eps_prior), jax.lax.stop_gradient(eps_lora), x_t)
+    return vsd_finish(latents, t, noise, x_t, out_p, out_l, scheduler=scheduler, lora_scheduler=lora_scheduler)
 
 
-def lora_loss(key: Array, latents: Array, *, lora: Denoiser, scheduler: Any, cond: Array, camera: Array | None,
-              camera_dropout: float = 0.1) -> Array:
-    """The LoRA's denoising loss on detached ``latents`` ``[B,h,w,C]`` (see module docstring).
-
-    ``t ~ U{0..T-1}``, target from ``scheduler.training_target`` (v for v-prediction, noise for
-    epsilon), each sample's ``camera`` zeroed with probability ``camera_dropout``. Returns a scalar
-    whose gradient reaches only ``lora.params``.
-    """
+def lora_noise(key: Array, latents: Array, *, scheduler: Any, camera: Array | None, camera_dropout: float = 0.1
+               ) -> tuple[Array, Array, Array, Array | None]:
+    """The random part of :func:`lora_loss`: ``(t [B], x_t, target, camera')`` on detached ``latents``
+    (same key use as :func:`lora_loss`, so fused and per-term implementations draw identically)."""
     B = latents.shape[0]
     T = int(scheduler.num_train_timesteps)
     k_t, k_n, k_c = jax.random.split(key, 3)
@@ -170,5 +183,18 @@ def lora_loss(key: Array, latents: Array, *, lora: Denoiser, scheduler: Any, con
     if camera is not None and camera_dropout > 0:
         keep = jax.random.bernoulli(k_c, 1.0 - camera_dropout, (B,))
         camera = camera * keep[:, None].astype(camera.dtype)
+    return t, x_t, target, camera
+
+
+def lora_loss(key: Array, latents: Array, *, lora: Denoiser, scheduler: Any, cond: Array, camera: Array | None,
+              camera_dropout: float = 0.1) -> Array:
+    """The LoRA's denoising loss on detached ``latents`` ``[B,h,w,C]`` (see module docstring).
+
+    ``t ~ U{0..T-1}``, target from ``scheduler.training_target`` (v for v-prediction, noise for
+    epsilon), each sample's ``camera`` zeroed with probability ``camera_dropout``. Returns a scalar
+    whose gradient reaches only ``lora.params``.
+    """
+    t, x_t, target, camera = lora_noise(key, latents, scheduler=scheduler, camera=camera,
+                                        camera_dropout=camera_dropout)
     pred = lora.apply(lora.params, x_t, t, jax.lax.stop_gradient(cond), camera)
     return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
