@@ -25,7 +25,7 @@ from typing import Any
 __all__ = [
     "DataConfig", "PriorTrainConfig", "ThemePriorConfig", "ConceptPriorConfig", "ReferencePriorConfig",
     "InitConfig", "GuidanceConfig", "GeometryConfig", "OptimConfig", "RegularizerConfig", "CameraConfig",
-    "RenderConfig", "Config", "GUIDANCE_MODES", "guidance_t_ranges", "apply_overrides", "flat_keys",
+    "RenderConfig", "PerfConfig", "PLAIN_PERF", "Config", "GUIDANCE_MODES", "guidance_t_ranges", "apply_overrides", "flat_keys",
     "load_config", "to_dict",
 ]
 
@@ -272,6 +272,60 @@ class RenderConfig:
     texture_size: int = 1024
 
 
+#: Valid values of :class:`PerfConfig` fields.
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+REMAT_POLICIES = ("none", "dots", "full")
+
+
+@_frozen
+class PerfConfig:
+    """Stage-2 speed switches (each one measurable on its own with ``bench/dsd_step.py``).
+
+    compute_dtype: compute dtype of the frozen priors, the VAE and the LoRA UNet: ``"float32"``,
+      ``"bfloat16"`` (frozen weights stored in bf16, trainable LoRA/geometry weights stay float32
+      masters, losses and optimiser in float32) or ``"auto"`` (bf16 on GPU/TPU, float32 on CPU, where
+      XLA has no fast bf16 kernels).
+    fuse_unet_passes: run weight-sharing UNet passes batched (reference prior: cond/uncond x
+      colour/normal in one call; concept prior once; LoRA inference once; LoRA training once).
+    attention_impl: ``"auto"`` (cuDNN fused attention on GPU for bf16, XLA otherwise), ``"xla"``,
+      ``"cudnn"``, ``"einsum"`` (``tsjax.diffusion.layers.attention``).
+    single_extraction: one marching-tets extraction per step shared by all renders and regularisers
+      (False: the distilled views and the contextual views each extract the surface, as the
+      reference implementation does).
+    fuse_contextual: contextual loss inside the one jitted step (False: its gradient is a second
+      jitted function and the update a third).
+    donate: donate the state buffers to the step (in-place update).
+    remat: rematerialisation of the differentiated networks (VAE encoder, LoRA UNet): ``"none"``,
+      ``"dots"`` (save only matmul/conv outputs), ``"full"`` (save nothing; recompute in the backward).
+    devices: stage-2 assets are optimised together, sharded over this many devices (``--devices``;
+      ``tsjax.parallel``); 1 = one asset at a time.
+    """
+
+    compute_dtype: str = "auto"
+    fuse_unet_passes: bool = True
+    attention_impl: str = "auto"
+    single_extraction: bool = True
+    fuse_contextual: bool = True
+    donate: bool = True
+    remat: str = "none"
+    devices: int = 1
+
+    def __post_init__(self):
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"perf.compute_dtype {self.compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"perf.remat {self.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
+        if self.attention_impl not in ("auto", "xla", "cudnn", "einsum"):
+            raise ValueError(f"perf.attention_impl {self.attention_impl!r} is not one of auto, xla, cudnn, einsum")
+        if self.devices < 1:
+            raise ValueError(f"perf.devices must be >= 1, got {self.devices}")
+
+
+#: The unoptimised reference variant (float32, one UNet call per term, two extractions, separate jits).
+PLAIN_PERF = PerfConfig(compute_dtype="float32", fuse_unet_passes=False, attention_impl="xla",
+                        single_extraction=False, fuse_contextual=False, donate=False, remat="none")
+
+
 @_frozen
 class Config:
     """The whole pipeline configuration (see the section classes)."""
@@ -288,6 +342,7 @@ class Config:
     reg: RegularizerConfig = RegularizerConfig()
     camera: CameraConfig = CameraConfig()
     render: RenderConfig = RenderConfig()
+    perf: PerfConfig = PerfConfig()
     steps: int = 5000
     checkpoint_every: int = 500
     log_every: int = 10
