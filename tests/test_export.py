@@ -1,14 +1,18 @@
 """GLB/OBJ export: Khronos validator, reload (trimesh, tsjax loader), baked colours, seams, errors."""
 from __future__ import annotations
 
+import inspect
+import io
 import json
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import trimesh
+from PIL import Image
 
 from tsjax.export import bake_texture, export_glb, export_obj
 from tsjax.geometry import build_tet_grid, compact_mesh, marching_tets
@@ -40,10 +44,33 @@ def _validate(path: Path) -> dict:
     return json.loads(res.stdout)
 
 
+def _glb_parts(path: Path) -> tuple[dict, bytes]:
+    """(JSON chunk, BIN chunk) of a GLB file, read with struct (independent of the writer)."""
+    data = path.read_bytes()
+    magic, version, total = struct.unpack_from("<III", data, 0)
+    assert (magic, version, total) == (0x46546C67, 2, len(data))
+    jlen, jtype = struct.unpack_from("<II", data, 12)
+    assert jtype == 0x4E4F534A
+    gltf = json.loads(data[20:20 + jlen])
+    blen, btype = struct.unpack_from("<II", data, 20 + jlen)
+    assert btype == 0x004E4942
+    return gltf, data[28 + jlen:28 + jlen + blen]
+
+
+def _accessor(gltf: dict, binary: bytes, i: int) -> np.ndarray:
+    acc = gltf["accessors"][i]
+    view = gltf["bufferViews"][acc["bufferView"]]
+    assert acc["componentType"] == 5126  # float32
+    width = {"VEC2": 2, "VEC3": 3}[acc["type"]]
+    raw = binary[view["byteOffset"]:view["byteOffset"] + view["byteLength"]]
+    return np.frombuffer(raw, np.float32).reshape(acc["count"], width)
+
+
 def test_glb_is_valid_and_reloads(mesh, tmp_path):
     v, f = mesh
     path = tmp_path / "out" / "m.glb"
-    baked = export_glb(path, v, f, _albedo, texture_size=256)
+    assert inspect.signature(export_glb).parameters["texture_size"].default == 1024
+    baked = export_glb(path, v, f, _albedo)  # default texture size
     issues = _validate(path)
     assert issues["numErrors"] == 0, issues["messages"]
     assert issues["numWarnings"] == 0, issues["messages"]
@@ -62,6 +89,19 @@ def test_glb_is_valid_and_reloads(mesh, tmp_path):
     np.testing.assert_allclose(lm.texture, np.asarray(srgb_to_linear(np.round(baked.texture * 255) / 255)),
                                atol=2e-3)
     np.testing.assert_allclose(lm.uv[lm.faces], baked.uv[baked.faces], atol=1e-6)  # per corner
+    # the file holds a 1024 x 1024 texture and unit vertex normals that point outwards (ellipsoid)
+    gltf, binary = _glb_parts(path)
+    prim = gltf["meshes"][0]["primitives"][0]
+    view = gltf["bufferViews"][gltf["images"][0]["bufferView"]]
+    png = Image.open(io.BytesIO(binary[view["byteOffset"]:view["byteOffset"] + view["byteLength"]]))
+    assert png.size == (1024, 1024) and png.mode == "RGB" and baked.texture.shape == (1024, 1024, 3)
+    pos = _accessor(gltf, binary, prim["attributes"]["POSITION"])
+    nrm = _accessor(gltf, binary, prim["attributes"]["NORMAL"])
+    assert nrm.shape == pos.shape
+    np.testing.assert_allclose(np.linalg.norm(nrm, axis=1), 1.0, atol=1e-5)
+    grad = pos * np.array([1.0, 1.4 ** 2, 1.0], np.float32)  # gradient of the ellipsoid's implicit function
+    cos = np.sum(nrm * grad, 1) / np.linalg.norm(grad, axis=1)
+    assert cos.min() > 0.9 and np.median(cos) > 0.995
 
 
 def test_baked_colours_match_field_and_seams_are_dilated(mesh):

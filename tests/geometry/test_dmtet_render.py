@@ -74,3 +74,28 @@ def test_render_gradients_reach_sdf_and_material(sphere_params):
     assert float(jnp.abs(jax.flatten_util.ravel_pytree(mask_wrt_material)[0]).max()) == 0
     # growing the mask: d(mean mask)/d(SDF output bias) < 0 (a uniformly smaller SDF is a bigger sphere)
     assert float(jac["sdf_mlp"]["layers"][-1]["b"][0, 0]) < 0
+
+
+def test_no_surface_renders_background_with_finite_gradients(sphere_params):
+    """An SDF that is positive everywhere (no surface): empty mesh, a warning outside jit, background
+    images, zero mask and finite (zero) gradients, never NaN."""
+    grid = DMTetModel(CFG).grid()
+    last = sphere_params["sdf_mlp"]["layers"][-1]
+    empty = {**sphere_params, "sdf_mlp": {**sphere_params["sdf_mlp"],
+                                          "layers": sphere_params["sdf_mlp"]["layers"][:-1]
+                                          + [{**last, "b": last["b"] + 10.0}]}}
+    with pytest.warns(RuntimeWarning, match="all one sign"):
+        m = DMTetModel(CFG).extract(empty, grid, step=0)
+    assert int(m.num_faces) == 0 and int(m.overflow) == 0
+    cams = make_cameras(jnp.array([10.0]), jnp.array([30.0]), D, FOV)
+
+    def loss(p, g):
+        o = render(p, g, cams, 32, CFG, step=0)
+        return jnp.mean(o["mask"]) + jnp.mean((o["color"] - 0.5) ** 2) + jnp.mean(o["normal"]), o
+
+    (val, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(empty, grid)
+    assert float(jnp.abs(out["mask"]).max()) == 0.0 and float(jnp.abs(out["depth"]).max()) == 0.0
+    np.testing.assert_allclose(np.asarray(out["color"]), 1.0)
+    np.testing.assert_allclose(float(val), 0.25 + 1.0, rtol=1e-6)
+    flat = jax.flatten_util.ravel_pytree(grads)[0]
+    assert bool(jnp.isfinite(flat).all()) and float(jnp.abs(flat).max()) == 0.0
