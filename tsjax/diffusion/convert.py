@@ -217,7 +217,7 @@ def _fmt(names: list[str], limit: int = 5) -> str:
 
 
 def state_dict_to_flax(state_dict: Mapping[str, Any], template_params: Mapping, *, source: str = "state dict",
-                       dtype: Any = jnp.float32) -> dict:
+                       dtype: Any = jnp.float32, renames: Mapping[str, str] | None = None) -> dict:
     """Map a PyTorch state dict onto a Flax params tree shaped like ``template_params``.
 
     Args:
@@ -226,6 +226,8 @@ def state_dict_to_flax(state_dict: Mapping[str, Any], template_params: Mapping, 
         only its paths and shapes are used.
       source: file name used in error messages.
       dtype: dtype of the returned arrays (float32 default; ``jnp.bfloat16`` for a bf16 copy).
+      renames: ``{torch module prefix: replacement}`` applied to keys first (e.g. diffusers'
+        ``class_embedding`` -> tsjax's ``camera_embedding``).
     Returns a nested dict of ``jnp`` arrays with exactly the template's paths.
     Raises ``ValueError`` on a shape mismatch (naming the tensor, found and expected torch shapes),
     unexpected tensors or parameters left without a tensor.
@@ -247,6 +249,10 @@ def state_dict_to_flax(state_dict: Mapping[str, Any], template_params: Mapping, 
     unexpected: list[str] = []
     for key in keys:
         name = key[len(prefix):]
+        for a, b in (renames or {}).items():
+            if name == a or name.startswith(a + "."):
+                name = b + name[len(a):]
+                break
         mod, _, tleaf = name.rpartition(".")
         parts = mod.split(".")
         if parts[-1] in _LEGACY_RENAMES:
@@ -313,16 +319,17 @@ def _template(module, *args) -> dict:
     return shapes["params"] if "params" in shapes else shapes
 
 
-def _load_component(folder: Path, template: dict, dtype) -> dict:
+def _load_component(folder: Path, template: dict, dtype, renames=None) -> dict:
     wfile = find_weights(folder)
-    return state_dict_to_flax(read_state_dict(wfile), template, source=str(wfile), dtype=dtype)
+    return state_dict_to_flax(read_state_dict(wfile), template, source=str(wfile), dtype=dtype, renames=renames)
 
 
 def load_unet(path: str | os.PathLike, *, dtype: Any = jnp.float32):
     """Load a diffusers ``UNet2DConditionModel`` folder (or a pipeline root's ``unet/``).
 
     Returns ``(UNetConfig, params)``; params are ``dtype`` (float32 default) and fit
-    ``UNet2DConditionModel(config).apply({'params': params}, ...)``.
+    ``UNet2DConditionModel(config).apply({'params': params}, ...)``. diffusers' projection
+    ``class_embedding`` becomes the ``camera_embedding`` module.
     """
     from tsjax.diffusion.unet import UNet2DConditionModel, UNetConfig
 
@@ -330,7 +337,7 @@ def load_unet(path: str | os.PathLike, *, dtype: Any = jnp.float32):
     cfg = UNetConfig.from_diffusers(_read_json(folder / "config.json"), source=str(folder / "config.json"))
     model = UNet2DConditionModel(cfg)
     tpl = jax.eval_shape(lambda k: model.init_params(k, batch=1, seq_len=8), jax.random.key(0))
-    return cfg, _load_component(folder, tpl, dtype)
+    return cfg, _load_component(folder, tpl, dtype, renames={"class_embedding": "camera_embedding"})
 
 
 def load_vae(path: str | os.PathLike, *, dtype: Any = jnp.float32):
