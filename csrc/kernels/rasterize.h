@@ -27,7 +27,8 @@ struct RasterParams {
 constexpr float kWEps = 1e-8f;
 constexpr float kAreaEps = 1e-12f;
 
-// CPU: multithreaded over (view, row band). num_threads <= 0 -> hardware concurrency.
+// CPU: one work item per view (or per row band when there are fewer views than threads), vertex
+// pass + per-triangle pixel-box scan; see rasterize_cpu.cc. num_threads <= 0 -> hardware concurrency.
 void RasterizeCpu(const RasterParams& p, int num_threads);
 
 }  // namespace tsjax

@@ -1,8 +1,27 @@
-// CPU rasterizer: bounding-box scan with the reference's exact barycentric expressions.
+// CPU rasterizer: per-vertex setup + per-triangle pixel-box scan with the reference's exact
+// barycentric expressions (bit-exact triangle ids, see rasterize.h).
+//
+// Work is split into items (view, row band); one item is owned by one thread, so its depth/id
+// buffer needs no synchronisation and triangles are visited in id order (strict depth test ->
+// equal depths keep the smaller id). With at least as many views as threads every item is a whole
+// view; with fewer views each view is cut into ceil(threads / views) row bands.
+//
+// Per item:
+//  1. vertex pass: NDC x, y, z of every vertex (one division per coordinate, the same values the
+//     reference computes per triangle corner) and its inclusive pixel-centre range as int16.
+//     Because ((x + 1) W - 1) / 2 and ceil/floor are monotone in x, the box of a triangle is the
+//     min/max of its corners' ranges, bit-identical to evaluating the formula at the triangle's
+//     xmin/xmax (the previous, per-triangle formulation).
+//  2. triangle pass: in id order, the pixel box from three 8-byte loads; at 1M triangles on a
+//     512^2 image most boxes hold no pixel centre and are rejected here, before any float work.
+//     Surviving triangles get the area / validity test and the exact per-pixel coverage test.
+//  3. resolve: perspective-correct (u, v, z/w) of each pixel's winner.
 #include "kernels/rasterize.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <thread>
 #include <vector>
@@ -10,92 +29,124 @@
 namespace tsjax {
 namespace {
 
-struct Tri {
-  float x0, y0, z0, x1, y1, z1, x2, y2, z2;  // NDC
-  float w0, w1, w2;                         // clip w
-  float area;                               // twice the signed NDC area
-  int32_t id;                               // triangle index
-  int i0, i1, j0, j1;                       // inclusive pixel bbox
-};
-
 inline float PixX(int j, int w) { return (2.0f * static_cast<float>(j) + 1.0f) / static_cast<float>(w) - 1.0f; }
 inline float PixY(int i, int h) { return 1.0f - (2.0f * static_cast<float>(i) + 1.0f) / static_cast<float>(h); }
 
-// Triangle setup for one view; invalid triangles are dropped. Surviving triangles are binned into
-// the row bands their pixel box overlaps (bins[k] for rows [k*band, (k+1)*band)), in id order.
-void Setup(const RasterParams& p, int64_t b, int band, std::vector<std::vector<Tri>>* bins) {
-  const float* pos = p.pos + b * p.num_verts * 4;
-  const int h = p.height, w = p.width;
-  for (auto& v : *bins) v.clear();
-  for (int64_t f = 0; f < p.num_tris; ++f) {
-    const int32_t* t = p.tris + 3 * f;
-    const float* a = pos + 4 * t[0];
-    const float* c1 = pos + 4 * t[1];
-    const float* c2 = pos + 4 * t[2];
-    if (!(a[3] > kWEps && c1[3] > kWEps && c2[3] > kWEps)) continue;
-    Tri r;
-    r.w0 = a[3]; r.w1 = c1[3]; r.w2 = c2[3];
-    r.x0 = a[0] / a[3]; r.y0 = a[1] / a[3]; r.z0 = a[2] / a[3];
-    r.x1 = c1[0] / c1[3]; r.y1 = c1[1] / c1[3]; r.z1 = c1[2] / c1[3];
-    r.x2 = c2[0] / c2[3]; r.y2 = c2[1] / c2[3]; r.z2 = c2[2] / c2[3];
-    // same expression as tsjax.ops.rasterize._screen_bary evaluated at the origin
-    r.area = (r.x1 - r.x0) * (r.y2 - r.y0) - (r.y1 - r.y0) * (r.x2 - r.x0);
-    if (!(std::fabs(r.area) > kAreaEps) || !std::isfinite(r.area)) continue;
-    const float xmin = std::min({r.x0, r.x1, r.x2}), xmax = std::max({r.x0, r.x1, r.x2});
-    const float ymin = std::min({r.y0, r.y1, r.y2}), ymax = std::max({r.y0, r.y1, r.y2});
-    if (xmax < -1.0f || xmin > 1.0f || ymax < -1.0f || ymin > 1.0f) continue;
-    // pixel j has its centre at x_j = (2j+1)/W - 1  ->  j = ((x + 1) W - 1) / 2. Tight box of the
-    // centres inside [xmin, xmax] x [ymin, ymax], widened by 1e-2 pixel so float rounding of the
-    // coverage test at the box border can never drop a pixel the reference would cover.
-    constexpr float kPad = 1e-2f;
-    r.j0 = std::max(0, static_cast<int>(std::ceil(((xmin + 1.0f) * w - 1.0f) * 0.5f - kPad)));
-    r.j1 = std::min(w - 1, static_cast<int>(std::floor(((xmax + 1.0f) * w - 1.0f) * 0.5f + kPad)));
-    r.i0 = std::max(0, static_cast<int>(std::ceil(((1.0f - ymax) * h - 1.0f) * 0.5f - kPad)));
-    r.i1 = std::min(h - 1, static_cast<int>(std::floor(((1.0f - ymin) * h - 1.0f) * 0.5f + kPad)));
-    if (r.j0 > r.j1 || r.i0 > r.i1) continue;
-    r.id = static_cast<int32_t>(f);
-    for (int k = r.i0 / band; k <= r.i1 / band; ++k) (*bins)[k].push_back(r);
+// Pixel-centre range of one vertex: pixel j has its centre at x_j = (2j+1)/W - 1, so
+// j = ((x + 1) W - 1) / 2. The range is widened by 1e-2 pixel so float rounding of the coverage
+// test at the box border can never drop a pixel the reference would cover.
+struct Box {
+  int16_t j0, j1, i0, i1;
+};
+constexpr float kPad = 1e-2f;
+constexpr float kClampPix = 1e6f;  // keeps float -> int conversions defined for far-away vertices
+
+inline int16_t ToI16(float v) {  // v integral, clamp into [-1, 32767] (W, H <= 16384)
+  v = std::min(std::max(v, -1.0f), 32767.0f);
+  return static_cast<int16_t>(v);
+}
+
+struct Workspace {
+  std::vector<float> ndc;   // [V, 3] NDC x, y, z
+  std::vector<Box> box;     // [V]
+  std::vector<uint8_t> ok;  // [V] w > eps and finite x, y
+  std::vector<float> zbuf;  // [rows, W]
+};
+
+void VertexPass(const RasterParams& p, int64_t b, Workspace* ws) {
+  const int64_t nv = p.num_verts;
+  const float* pos = p.pos + b * nv * 4;
+  const float fw = static_cast<float>(p.width), fh = static_cast<float>(p.height);
+  float* ndc = ws->ndc.data();
+  Box* box = ws->box.data();
+  uint8_t* ok = ws->ok.data();
+  for (int64_t v = 0; v < nv; ++v) {
+    const float* q = pos + 4 * v;
+    const float w = q[3];
+    const float x = q[0] / w, y = q[1] / w, z = q[2] / w;
+    ndc[3 * v] = x;
+    ndc[3 * v + 1] = y;
+    ndc[3 * v + 2] = z;
+    const bool good = w > kWEps && std::isfinite(x) && std::isfinite(y);
+    ok[v] = good;
+    if (!good) {  // never widens a box; the triangle is rejected by ok[] anyway
+      box[v] = Box{32767, -1, 32767, -1};
+      continue;
+    }
+    float sx = ((x + 1.0f) * fw - 1.0f) * 0.5f;
+    float sy = ((1.0f - y) * fh - 1.0f) * 0.5f;
+    sx = std::min(std::max(sx, -kClampPix), kClampPix);
+    sy = std::min(std::max(sy, -kClampPix), kClampPix);
+    box[v] = Box{ToI16(std::ceil(sx - kPad)), ToI16(std::floor(sx + kPad)),
+                 ToI16(std::ceil(sy - kPad)), ToI16(std::floor(sy + kPad))};
   }
 }
 
-// Rasterize rows [row0, row1) of view b.
-void Band(const RasterParams& p, int64_t b, const std::vector<Tri>& tris, int row0, int row1,
-          std::vector<float>* zbuf) {
+// Rasterize rows [row0, row1) of view b into ids (id + 1) with the depth buffer ws->zbuf.
+void RasterBand(const RasterParams& p, int64_t b, int row0, int row1, Workspace* ws) {
   const int h = p.height, w = p.width;
   int32_t* ids = p.ids + b * int64_t(h) * w;
-  float* bary = p.bary + b * int64_t(h) * w * 3;
-  float* zb = zbuf->data();
-  std::fill(zb, zb + int64_t(row1 - row0) * w, std::numeric_limits<float>::infinity());
+  float* zb = ws->zbuf.data() - int64_t(row0) * w;  // indexed by absolute row
+  std::fill(zb + int64_t(row0) * w, zb + int64_t(row1) * w, std::numeric_limits<float>::infinity());
   std::fill(ids + int64_t(row0) * w, ids + int64_t(row1) * w, 0);
-  for (const Tri& t : tris) {
-    const int i0 = std::max(t.i0, row0), i1 = std::min(t.i1, row1 - 1);
-    const float sgn = t.area > 0.0f ? 1.0f : -1.0f;
-    const float tiny = std::fabs(t.area) * 1e-30f;
+  const float* ndc = ws->ndc.data();
+  const Box* box = ws->box.data();
+  const uint8_t* ok = ws->ok.data();
+  const int32_t* tv = p.tris;
+  const int r1 = row1 - 1, wm1 = w - 1;
+  for (int64_t f = 0; f < p.num_tris; ++f, tv += 3) {
+    const int32_t a = tv[0], c = tv[1], d = tv[2];
+    const Box ba = box[a], bc = box[c], bd = box[d];
+    const int i0 = std::max<int>(row0, std::min({ba.i0, bc.i0, bd.i0}));
+    const int i1 = std::min<int>(r1, std::max({ba.i1, bc.i1, bd.i1}));
+    if (i0 > i1) continue;
+    const int j0 = std::max<int>(0, std::min({ba.j0, bc.j0, bd.j0}));
+    const int j1 = std::min<int>(wm1, std::max({ba.j1, bc.j1, bd.j1}));
+    if (j0 > j1) continue;
+    if (!(ok[a] & ok[c] & ok[d])) continue;
+    const float x0 = ndc[3 * a], y0 = ndc[3 * a + 1], z0 = ndc[3 * a + 2];
+    const float x1 = ndc[3 * c], y1 = ndc[3 * c + 1], z1 = ndc[3 * c + 2];
+    const float x2 = ndc[3 * d], y2 = ndc[3 * d + 1], z2 = ndc[3 * d + 2];
+    // same expression as tsjax.ops.rasterize._screen_bary evaluated at the origin
+    const float area = (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0);
+    if (!(std::fabs(area) > kAreaEps) || !std::isfinite(area)) continue;
+    const float sgn = area > 0.0f ? 1.0f : -1.0f;
+    const float tiny = std::fabs(area) * 1e-30f;
+    const int32_t id1 = static_cast<int32_t>(f) + 1;
     for (int i = i0; i <= i1; ++i) {
       const float py = PixY(i, h);
-      for (int j = t.j0; j <= t.j1; ++j) {
+      float* zrow = zb + int64_t(i) * w;
+      int32_t* irow = ids + int64_t(i) * w;
+      for (int j = j0; j <= j1; ++j) {
         const float px = PixX(j, w);
-        const float e0 = (t.x1 - px) * (t.y2 - py) - (t.y1 - py) * (t.x2 - px);
+        const float e0 = (x1 - px) * (y2 - py) - (y1 - py) * (x2 - px);
         // fast reject before the divisions: e0/area < 0 exactly when the signs differ, unless the
         // quotient underflows to (-)0, which only happens for |e0| < |area| * 2^-126 (kept exact).
         if (e0 * sgn < 0.0f && std::fabs(e0) > tiny) continue;
-        const float e1 = (t.x2 - px) * (t.y0 - py) - (t.y2 - py) * (t.x0 - px);
+        const float e1 = (x2 - px) * (y0 - py) - (y2 - py) * (x0 - px);
         if (e1 * sgn < 0.0f && std::fabs(e1) > tiny) continue;
-        const float b0 = e0 / t.area;
-        const float b1 = e1 / t.area;
+        const float b0 = e0 / area;
+        const float b1 = e1 / area;
         const float b2 = 1.0f - b0 - b1;
         if (!(b0 >= 0.0f && b1 >= 0.0f && b2 >= 0.0f)) continue;
-        const float z = b0 * t.z0 + b1 * t.z1 + b2 * t.z2;
+        const float z = b0 * z0 + b1 * z1 + b2 * z2;
         if (!(z >= -1.0f && z <= 1.0f)) continue;
-        float& best = zb[int64_t(i - row0) * w + j];
-        if (z < best) {
-          best = z;
-          ids[int64_t(i) * w + j] = t.id + 1;
+        if (z < zrow[j]) {
+          zrow[j] = z;
+          irow[j] = id1;
         }
       }
     }
   }
-  // Resolve: perspective-correct barycentrics of the winning triangle (the reference's formulas).
+}
+
+// Perspective-correct barycentrics of the winning triangle (the reference's formulas).
+void ResolveBand(const RasterParams& p, int64_t b, int row0, int row1, const Workspace& ws) {
+  const int h = p.height, w = p.width;
+  const int32_t* ids = p.ids + b * int64_t(h) * w;
+  float* bary = p.bary + b * int64_t(h) * w * 3;
+  const float* pos = p.pos + b * p.num_verts * 4;
+  const float* ndc = ws.ndc.data();
   for (int i = row0; i < row1; ++i) {
     const float py = PixY(i, h);
     for (int j = 0; j < w; ++j) {
@@ -104,19 +155,18 @@ void Band(const RasterParams& p, int64_t b, const std::vector<Tri>& tris, int ro
       const int32_t id = ids[k];
       if (id == 0) { o[0] = o[1] = o[2] = 0.0f; continue; }
       const int32_t* tv = p.tris + 3 * int64_t(id - 1);
-      const float* pos = p.pos + b * p.num_verts * 4;
-      const float* a = pos + 4 * tv[0];
-      const float* c1 = pos + 4 * tv[1];
-      const float* c2 = pos + 4 * tv[2];
-      const float x0 = a[0] / a[3], y0 = a[1] / a[3], z0 = a[2] / a[3];
-      const float x1 = c1[0] / c1[3], y1 = c1[1] / c1[3], z1 = c1[2] / c1[3];
-      const float x2 = c2[0] / c2[3], y2 = c2[1] / c2[3], z2 = c2[2] / c2[3];
+      const float* n0 = ndc + 3 * tv[0];
+      const float* n1 = ndc + 3 * tv[1];
+      const float* n2 = ndc + 3 * tv[2];
+      const float x0 = n0[0], y0 = n0[1], z0 = n0[2];
+      const float x1 = n1[0], y1 = n1[1], z1 = n1[2];
+      const float x2 = n2[0], y2 = n2[1], z2 = n2[2];
       const float px = PixX(j, w);
       const float area = (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0);
       const float b0 = ((x1 - px) * (y2 - py) - (y1 - py) * (x2 - px)) / area;
       const float b1 = ((x2 - px) * (y0 - py) - (y2 - py) * (x0 - px)) / area;
       const float b2 = 1.0f - b0 - b1;
-      const float q0 = b0 / a[3], q1 = b1 / c1[3], q2 = b2 / c2[3];
+      const float q0 = b0 / pos[4 * tv[0] + 3], q1 = b1 / pos[4 * tv[1] + 3], q2 = b2 / pos[4 * tv[2] + 3];
       float den = q0 + q1 + q2;
       if (!(std::fabs(den) > 1e-20f)) den = 1.0f;
       o[0] = q0 / den;
@@ -131,31 +181,39 @@ void Band(const RasterParams& p, int64_t b, const std::vector<Tri>& tris, int ro
 void RasterizeCpu(const RasterParams& p, int num_threads) {
   if (num_threads <= 0) num_threads = std::max(1u, std::thread::hardware_concurrency());
   const int h = p.height;
-  // Work items: (view, band of 64 rows). Bands keep the depth/id buffers cache resident and give
-  // every thread work even for one view (measured faster than one item per view).
-  const int band = std::max(1, std::min(h, 64));
-  const int nbands = (h + band - 1) / band;
-  std::vector<std::vector<std::vector<Tri>>> setup(p.batch, std::vector<std::vector<Tri>>(nbands));
-  {
-    std::vector<std::thread> pool;
-    const int nt = static_cast<int>(std::min<int64_t>(num_threads, p.batch));
-    for (int t = 0; t < nt; ++t)
-      pool.emplace_back([&, t] { for (int64_t b = t; b < p.batch; b += nt) Setup(p, b, band, &setup[b]); });
-    for (auto& th : pool) th.join();
-  }
+  if (p.batch <= 0 || h <= 0 || p.width <= 0) return;
+  // Row bands per view: 1 when there are enough views to keep every thread busy.
+  const int64_t per_view = std::max<int64_t>(1, std::min<int64_t>(h, (num_threads + p.batch - 1) / p.batch));
+  const int band = static_cast<int>((h + per_view - 1) / per_view);
+  const int64_t nbands = (h + band - 1) / band;
   const int64_t items = p.batch * nbands;
   const int nt = static_cast<int>(std::min<int64_t>(num_threads, items));
-  std::vector<std::thread> pool;
-  for (int t = 0; t < nt; ++t) {
-    pool.emplace_back([&, t] {
-      std::vector<float> zbuf(int64_t(band) * p.width);
-      for (int64_t it = t; it < items; it += nt) {
-        const int64_t b = it / nbands;
-        const int r0 = static_cast<int>(it % nbands) * band;
-        Band(p, b, setup[b][r0 / band], r0, std::min(h, r0 + band), &zbuf);
+  std::atomic<int64_t> next{0};
+  auto worker = [&] {
+    Workspace ws;
+    ws.ndc.resize(3 * p.num_verts);
+    ws.box.resize(p.num_verts);
+    ws.ok.resize(p.num_verts);
+    ws.zbuf.resize(int64_t(band) * p.width);
+    int64_t have = -1;  // view whose vertex pass is in ws
+    for (int64_t it = next++; it < items; it = next++) {
+      const int64_t b = it / nbands;
+      const int r0 = static_cast<int>(it % nbands) * band;
+      const int r1 = std::min(h, r0 + band);
+      if (have != b) {
+        VertexPass(p, b, &ws);
+        have = b;
       }
-    });
+      RasterBand(p, b, r0, r1, &ws);
+      ResolveBand(p, b, r0, r1, ws);
+    }
+  };
+  if (nt <= 1) {
+    worker();
+    return;
   }
+  std::vector<std::thread> pool;
+  for (int t = 0; t < nt; ++t) pool.emplace_back(worker);
   for (auto& th : pool) th.join();
 }
 
