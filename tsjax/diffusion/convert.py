@@ -310,8 +310,11 @@ def _read_json(path: Path) -> dict:
 
 
 def _template(module, *args) -> dict:
-    """Parameter shapes of ``module`` (``init_params(key)`` when it has one, else ``init(key, *args)``)."""
+    """Parameter shapes of ``module``: its ``param_shapes()``, else ``eval_shape`` of ``init_params(key)``,
+    else of ``init(key, *args)``."""
     key = jax.random.key(0)
+    if hasattr(module, "param_shapes"):
+        return module.param_shapes()
     if hasattr(module, "init_params"):
         shapes = jax.eval_shape(lambda k: module.init_params(k), key)
     else:
@@ -336,7 +339,7 @@ def load_unet(path: str | os.PathLike, *, dtype: Any = jnp.float32):
     folder = _component_dir(path, "unet")
     cfg = UNetConfig.from_diffusers(_read_json(folder / "config.json"), source=str(folder / "config.json"))
     model = UNet2DConditionModel(cfg)
-    tpl = jax.eval_shape(lambda k: model.init_params(k, batch=1, seq_len=8), jax.random.key(0))
+    tpl = model.param_shapes(batch=1, seq_len=8)
     return cfg, _load_component(folder, tpl, dtype, renames={"class_embedding": "camera_embedding"})
 
 

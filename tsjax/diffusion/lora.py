@@ -17,6 +17,7 @@ saved tree loads in diffusers (``unet.load_lora_adapter(path, prefix="unet")`` /
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -88,13 +89,17 @@ def init_lora(key: jax.Array, unet_params: Mapping, rank: int, targets: Iterable
     """
     if not isinstance(rank, (int, np.integer)) or rank < 1:
         raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
-    layers = lora_targets(unet_params, targets)
-    keys = jax.random.split(key, len(layers))
-    out = {}
-    for k, (mod, shape) in zip(keys, sorted(layers.items())):
-        down_shape = tuple(shape[:-1]) + (rank,)
-        out[mod] = {"down": jax.random.normal(k, down_shape, jnp.float32) / rank,
-                    "up": jnp.zeros((rank, shape[-1]), jnp.float32)}
+    layers = sorted(lora_targets(unet_params, targets).items())
+    down_shapes = [tuple(shape[:-1]) + (rank,) for _, shape in layers]
+    sizes = [math.prod(sh) for sh in down_shapes]
+    z = jax.random.normal(key, (sum(sizes),), jnp.float32) / rank  # one draw, sliced per layer
+    if not isinstance(z, jax.core.Tracer):
+        z = np.asarray(z)  # host slicing: no per-shape compilation when called eagerly
+    out, a = {}, 0
+    for (mod, shape), sh, n in zip(layers, down_shapes, sizes):
+        out[mod] = {"down": jnp.asarray(z[a:a + n].reshape(sh)),
+                    "up": jnp.asarray(np.zeros((rank, shape[-1]), np.float32))}
+        a += n
     return out
 
 
@@ -190,6 +195,14 @@ _OLD = re.compile(r"^(?P<mod>.+?)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lo
 _OLD2 = re.compile(r"^(?P<mod>.+)\.lora\.(?P<ud>down|up)\.weight$")  # LoRACompatibleLinear/Conv (diffusers<0.25)
 
 
+def _alpha_module(name: str) -> str:
+    """Module name of an alpha entry: ``unet.X.alpha``, ``X.processor.to_q_lora.alpha`` (-> ``X.to_q``), ..."""
+    name = name.removeprefix("unet.").removesuffix(".alpha").removesuffix(".down.weight")
+    if m := re.match(r"^(?P<mod>.+?)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora$", name):
+        return f"{m['mod']}.{'to_out.0' if m['proj'] == 'to_out' else m['proj']}"
+    return name.removesuffix(".lora")
+
+
 def _peft_alpha(meta: dict, module: str, r: int) -> float:
     for pat, a in (meta.get("alpha_pattern") or {}).items():
         if re.match(rf"(.*\.)?({pat})$", module):
@@ -200,7 +213,8 @@ def _peft_alpha(meta: dict, module: str, r: int) -> float:
 def lora_from_state_dict(state_dict: Mapping[str, Any], unet_params: Mapping, *, source: str = "LoRA weights",
                          network_alphas: Mapping[str, float] | None = None, metadata: dict | None = None) -> dict:
     """Parse a LoRA state dict (PEFT ``lora_A/lora_B`` or old diffusers ``processor.to_q_lora.down``
-    naming, optional ``unet.`` prefix, optional ``<module>.alpha`` entries) into a LoRA tree for
+    naming, optional ``unet.`` prefix, optional ``<module>.alpha`` / ``...to_q_lora.alpha`` entries or
+    ``network_alphas`` keyed by module or by the ``down`` tensor's name) into a LoRA tree for
     ``unet_params``; ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA metadata) is folded into ``up``.
 
     ``metadata``: PEFT ``LoraConfig`` kwargs (``lora_alpha``, ``alpha_pattern``, ``use_rslora``; keys may be
@@ -209,7 +223,7 @@ def lora_from_state_dict(state_dict: Mapping[str, Any], unet_params: Mapping, *,
     """
     meta = {k.removeprefix("unet."): v for k, v in (metadata or {}).items()
             if k.startswith("unet.") or "." not in k}
-    alphas = {k.removeprefix("unet.").removesuffix(".alpha"): float(v) for k, v in (network_alphas or {}).items()}
+    alphas = {_alpha_module(k): float(v) for k, v in (network_alphas or {}).items()}
     pairs: dict[str, dict[str, np.ndarray]] = {}
     bad_te, unknown = [], []
     for key, v in state_dict.items():
@@ -220,7 +234,7 @@ def lora_from_state_dict(state_dict: Mapping[str, Any], unet_params: Mapping, *,
         k = k.removeprefix("unet.")
         w = np.asarray(v.detach().cpu().float().numpy() if hasattr(v, "detach") else v, np.float32)
         if k.endswith(".alpha"):
-            alphas[k[:-len(".alpha")]] = float(np.asarray(w).reshape(()))
+            alphas[_alpha_module(k)] = float(np.asarray(w).reshape(()))
             continue
         if m := _PEFT.match(k):
             mod, part = m["mod"], "A" if m["ab"] == "A" else "B"
