@@ -1,5 +1,6 @@
 // CPU rasterizer: per-vertex setup + per-triangle pixel-box scan with the reference's exact
-// barycentric expressions (bit-exact triangle ids, see rasterize.h).
+// barycentric expressions (bit-exact triangle ids, see rasterize.h). The padded pixel box is part
+// of the coverage rule (tsjax.ops.rasterize._triangle_setup), not only an acceleration.
 //
 // Work is split into items (view, row band); one item is owned by one thread, so its depth/id
 // buffer needs no synchronisation and triangles are visited in id order (strict depth test ->
@@ -110,6 +111,7 @@ void RasterBand(const RasterParams& p, int64_t b, int row0, int row1, Workspace*
     // same expression as tsjax.ops.rasterize._screen_bary evaluated at the origin
     const float area = (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0);
     if (!(std::fabs(area) > kAreaEps) || !std::isfinite(area)) continue;
+    const float inv = 1.0f / area;
     const float sgn = area > 0.0f ? 1.0f : -1.0f;
     const float tiny = std::fabs(area) * 1e-30f;
     const int32_t id1 = static_cast<int32_t>(f) + 1;
@@ -120,13 +122,13 @@ void RasterBand(const RasterParams& p, int64_t b, int row0, int row1, Workspace*
       for (int j = j0; j <= j1; ++j) {
         const float px = PixX(j, w);
         const float e0 = (x1 - px) * (y2 - py) - (y1 - py) * (x2 - px);
-        // fast reject before the divisions: e0/area < 0 exactly when the signs differ, unless the
-        // quotient underflows to (-)0, which only happens for |e0| < |area| * 2^-126 (kept exact).
+        // fast reject: e0 * inv < 0 exactly when the signs of e0 and area differ, unless the
+        // product underflows to (-)0, which needs |e0| < |area| * 2^-126 (those take the full test).
         if (e0 * sgn < 0.0f && std::fabs(e0) > tiny) continue;
         const float e1 = (x2 - px) * (y0 - py) - (y2 - py) * (x0 - px);
         if (e1 * sgn < 0.0f && std::fabs(e1) > tiny) continue;
-        const float b0 = e0 / area;
-        const float b1 = e1 / area;
+        const float b0 = e0 * inv;
+        const float b1 = e1 * inv;
         const float b2 = 1.0f - b0 - b1;
         if (!(b0 >= 0.0f && b1 >= 0.0f && b2 >= 0.0f)) continue;
         const float z = b0 * z0 + b1 * z1 + b2 * z2;
@@ -163,8 +165,9 @@ void ResolveBand(const RasterParams& p, int64_t b, int row0, int row1, const Wor
       const float x2 = n2[0], y2 = n2[1], z2 = n2[2];
       const float px = PixX(j, w);
       const float area = (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0);
-      const float b0 = ((x1 - px) * (y2 - py) - (y1 - py) * (x2 - px)) / area;
-      const float b1 = ((x2 - px) * (y0 - py) - (y2 - py) * (x0 - px)) / area;
+      const float inv = 1.0f / area;
+      const float b0 = ((x1 - px) * (y2 - py) - (y1 - py) * (x2 - px)) * inv;
+      const float b1 = ((x2 - px) * (y0 - py) - (y2 - py) * (x0 - px)) * inv;
       const float b2 = 1.0f - b0 - b1;
       const float q0 = b0 / pos[4 * tv[0] + 3], q1 = b1 / pos[4 * tv[1] + 3], q2 = b2 / pos[4 * tv[2] + 3];
       float den = q0 + q1 + q2;

@@ -3,9 +3,9 @@
 // STATUS: compile-checked only (`python csrc/build.py --cuda on`); it has not been run on a GPU in
 // this project. Semantics are those of csrc/kernels/rasterize.h and the pure-JAX reference:
 //  1. clear: one 64-bit key per pixel set to ~0.
-//  2. raster: one thread per (view, triangle): triangle setup (skip w <= eps, |area| <= eps,
-//     off-screen), bounding-box scan of pixel centres, coverage by barycentrics >= 0, depth z/w in
-//     [-1, 1]; atomicMin on key = (order-preserving bits of z/w) << 32 | triangle id, so the nearest
+//  2. raster: one thread per (view, triangle): triangle setup (skip w <= eps, |area| <= eps or
+//     non-finite), scan of the padded pixel box (part of the coverage rule), coverage by
+//     barycentrics >= 0 (b = e * (1 / area)), depth z/w in [-1, 1]; atomicMin on key = (order-preserving bits of z/w) << 32 | triangle id, so the nearest
 //     depth wins and equal depths go to the smaller id (the reference's tie rule).
 //  3. resolve: one thread per pixel: id + 1 and perspective-correct (u, v, z/w) of the winner.
 #include <cuda_runtime.h>
@@ -26,6 +26,12 @@ __device__ __forceinline__ uint32_t OrderedBits(float z) {
 
 __device__ __forceinline__ float PixX(int j, int w) { return (2.0f * j + 1.0f) / w - 1.0f; }
 __device__ __forceinline__ float PixY(int i, int h) { return 1.0f - (2.0f * i + 1.0f) / h; }
+
+constexpr float kPad = 1e-2f;  // pixels, as csrc/kernels/rasterize_cpu.cc
+__device__ __forceinline__ float SxOf(float x, int w) { return ((x + 1.0f) * w - 1.0f) * 0.5f; }
+__device__ __forceinline__ float SyOf(float y, int h) { return ((1.0f - y) * h - 1.0f) * 0.5f; }
+// float -> int with far-away values clamped first (conversion of out-of-range floats is undefined)
+__device__ __forceinline__ int ClampPix(float v) { return int(fminf(fmaxf(v, -1e6f), 1e6f)); }
 
 __global__ void ClearKernel(unsigned long long* keys, int64_t n) {
   int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
@@ -48,23 +54,27 @@ __global__ void RasterKernel(tsjax::RasterParams p, unsigned long long* keys) {
   const float x2 = c2[0] / c2[3], y2 = c2[1] / c2[3], z2 = c2[2] / c2[3];
   const float area = (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0);
   if (!(fabsf(area) > tsjax::kAreaEps) || !isfinite(area)) return;
-  const float xmin = fminf(x0, fminf(x1, x2)), xmax = fmaxf(x0, fmaxf(x1, x2));
-  const float ymin = fminf(y0, fminf(y1, y2)), ymax = fmaxf(y0, fmaxf(y1, y2));
-  if (xmax < -1.0f || xmin > 1.0f || ymax < -1.0f || ymin > 1.0f) return;
-  const int j0 = max(0, int(floorf(((xmin + 1.0f) * w - 1.0f) * 0.5f)) - 1);
-  const int j1 = min(w - 1, int(ceilf(((xmax + 1.0f) * w - 1.0f) * 0.5f)) + 1);
-  const int i0 = max(0, int(floorf(((1.0f - ymax) * h - 1.0f) * 0.5f)) - 1);
-  const int i1 = min(h - 1, int(ceilf(((1.0f - ymin) * h - 1.0f) * 0.5f)) + 1);
+  // Padded pixel box (part of the coverage rule, identical to the CPU kernel's per-vertex ranges):
+  // sx = ((x + 1) W - 1) * 0.5 per corner, box = [ceil(min sx - pad), floor(max sx + pad)].
+  const float sx0 = SxOf(x0, w), sx1 = SxOf(x1, w), sx2 = SxOf(x2, w);
+  const float sy0 = SyOf(y0, h), sy1 = SyOf(y1, h), sy2 = SyOf(y2, h);
+  const int j0 = max(0, ClampPix(ceilf(fminf(sx0, fminf(sx1, sx2)) - kPad)));
+  const int j1 = min(w - 1, ClampPix(floorf(fmaxf(sx0, fmaxf(sx1, sx2)) + kPad)));
+  const int i0 = max(0, ClampPix(ceilf(fminf(sy0, fminf(sy1, sy2)) - kPad)));
+  const int i1 = min(h - 1, ClampPix(floorf(fmaxf(sy0, fmaxf(sy1, sy2)) + kPad)));
+  if (j0 > j1 || i0 > i1) return;
+  const float inv = 1.0f / area;
   unsigned long long* kb = keys + b * int64_t(h) * w;
   for (int i = i0; i <= i1; ++i) {
     const float py = PixY(i, h);
     for (int j = j0; j <= j1; ++j) {
       const float px = PixX(j, w);
-      const float b0 = ((x1 - px) * (y2 - py) - (y1 - py) * (x2 - px)) / area;
-      const float bb1 = ((x2 - px) * (y0 - py) - (y2 - py) * (x0 - px)) / area;
+      const float b0 = ((x1 - px) * (y2 - py) - (y1 - py) * (x2 - px)) * inv;
+      const float bb1 = ((x2 - px) * (y0 - py) - (y2 - py) * (x0 - px)) * inv;
       const float b2 = 1.0f - b0 - bb1;
       if (!(b0 >= 0.0f && bb1 >= 0.0f && b2 >= 0.0f)) continue;
-      const float z = b0 * z0 + bb1 * z1 + b2 * z2;
+      // + 0.0f maps -0 to +0 so the key order treats them as the equal depths they are
+      const float z = b0 * z0 + bb1 * z1 + b2 * z2 + 0.0f;
       if (!(z >= -1.0f && z <= 1.0f)) continue;
       const unsigned long long key = (static_cast<unsigned long long>(OrderedBits(z)) << 32) |
                                      static_cast<unsigned long long>(static_cast<uint32_t>(f));
@@ -94,8 +104,9 @@ __global__ void ResolveKernel(tsjax::RasterParams p, const unsigned long long* k
   const float x2 = c2[0] / c2[3], y2 = c2[1] / c2[3], z2 = c2[2] / c2[3];
   const float px = PixX(j, w), py = PixY(i, h);
   const float area = (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0);
-  const float b0 = ((x1 - px) * (y2 - py) - (y1 - py) * (x2 - px)) / area;
-  const float bb1 = ((x2 - px) * (y0 - py) - (y2 - py) * (x0 - px)) / area;
+  const float inv = 1.0f / area;
+  const float b0 = ((x1 - px) * (y2 - py) - (y1 - py) * (x2 - px)) * inv;
+  const float bb1 = ((x2 - px) * (y0 - py) - (y2 - py) * (x0 - px)) * inv;
   const float b2 = 1.0f - b0 - bb1;
   const float q0 = b0 / a[3], q1 = bb1 / c1[3], q2 = b2 / c2[3];
   float den = q0 + q1 + q2;

@@ -7,7 +7,10 @@ Conventions (docs/conventions.md):
     ``u * a0 + v * a1 + (1 - u - v) * a2``.
   * Row 0 is the TOP of the image: pixel (i, j) samples NDC x = (2j + 1)/W - 1, y = 1 - (2i + 1)/H.
   * Coverage rule: a pixel centre is covered when all three screen-space barycentrics are >= 0
-    (both windings are rasterized, no culling). Depth test: smallest z/w wins; equal depths go to the
+    (both windings are rasterized, no culling) and it lies within 0.01 pixel of the triangle's
+    bounding box. The arithmetic is defined operation by operation in float32 (:func:`_screen_bary`,
+    :func:`_depth`) and evaluated identically here and in the C++/CUDA kernels, so triangle ids agree
+    bit for bit, also on ties along shared edges. Depth test: smallest z/w wins; equal depths go to the
     smaller triangle id. Only z/w in [-1, 1] is kept (near/far clipping per pixel). Triangles with any
     vertex at w <= 1e-8 (behind the camera) or with a screen-space area below 1e-12 are never drawn
     (no geometric near-plane clipping: keep geometry in front of the near plane).
@@ -37,27 +40,84 @@ __all__ = ["rasterize", "barycentrics_from_ids", "pixel_centers", "MAX_RESOLUTIO
 MAX_RESOLUTION = 16384
 _W_EPS = 1e-8
 _AREA_EPS = 1e-12
+_BOX_PAD = 1e-2  # pixels; csrc/kernels/rasterize_cpu.cc kPad
 
 
 def pixel_centers(h: int, w: int) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """NDC coordinates of pixel centres: x [H, W] (left to right), y [H, W] (top = +1)."""
-    xs = (2.0 * jnp.arange(w, dtype=jnp.float32) + 1.0) / w - 1.0
-    ys = 1.0 - (2.0 * jnp.arange(h, dtype=jnp.float32) + 1.0) / h
-    return jnp.broadcast_to(xs[None, :], (h, w)), jnp.broadcast_to(ys[:, None], (h, w))
+    """NDC coordinates of pixel centres: x [H, W] (left to right), y [H, W] (top = +1), float32.
+
+    Computed on the host in float32 as ``(2j + 1) / W - 1`` and ``1 - (2i + 1) / H`` (one rounding per
+    operation, the same values as the C++/CUDA kernels) and embedded as constants, so the compiler
+    cannot re-associate or rewrite the division.
+    """
+    xs = (2.0 * np.arange(w, dtype=np.float32) + np.float32(1.0)) / np.float32(w) - np.float32(1.0)
+    ys = np.float32(1.0) - (2.0 * np.arange(h, dtype=np.float32) + np.float32(1.0)) / np.float32(h)
+    xs, ys = xs.astype(np.float32), ys.astype(np.float32)
+    return jnp.broadcast_to(jnp.asarray(xs)[None, :], (h, w)), jnp.broadcast_to(jnp.asarray(ys)[:, None], (h, w))
+
+
+@jax.custom_jvp
+def _rounded(p):
+    """Identity on a float product that pins its rounding: ``where(p == 0, 0, p)``.
+
+    XLA's CPU backend lets LLVM contract ``a * b - c`` into a fused multiply-add, which rounds once
+    instead of twice and so flips coverage/depth decisions on ties (shared edges) relative to the C++
+    kernel (built with ``-ffp-contract=off``) and across XLA versions. A select between the multiply
+    and its user blocks the contraction; it changes nothing but the sign of an exact zero, which no
+    comparison here sees. Its derivative is the identity (custom JVP), also at ``p == 0``.
+    """
+    return jnp.where(p == 0, jnp.zeros_like(p), p)
+
+
+@_rounded.defjvp
+def _rounded_jvp(primals, tangents):
+    return _rounded(primals[0]), tangents[0]
+
+
+def _cross(ax, ay, bx, by):
+    """``ax * by - ay * bx`` with both products rounded to float before the subtraction."""
+    return _rounded(ax * by) - _rounded(ay * bx)
+
+
+def _ndc(tri4, wv):
+    """NDC x, y, z (each [...,]) of clip corners ``tri4 [..., 4]`` divided by ``wv [...]``.
+
+    One true division per coordinate with a same-shaped divisor (XLA rewrites a division by a
+    broadcast into a multiplication by the reciprocal, which rounds differently from the kernels).
+    """
+    return tri4[..., 0] / wv, tri4[..., 1] / wv, tri4[..., 2] / wv
 
 
 def _screen_bary(p0, p1, p2, px, py):
     """Screen-space barycentrics of points (px, py) w.r.t. 2D triangles p0, p1, p2 (broadcasting).
 
-    Returns (b0, b1, b2, area) where area is twice the signed area.
+    Exact arithmetic definition shared with the C++/CUDA kernels (every operation rounds to float32
+    once, evaluated in this order):
+      area = (x1 - x0)(y2 - y0) - (y1 - y0)(x2 - x0)            (twice the signed area)
+      e0 = (x1 - px)(y2 - py) - (y1 - py)(x2 - px),  e1 = (x2 - px)(y0 - py) - (y2 - py)(x0 - px)
+      inv = 1 / area (1 / 1 where |area| <= 1e-12),  b0 = e0 * inv,  b1 = e1 * inv,  b2 = (1 - b0) - b1
+    Returns (b0, b1, b2, area).
     """
-    area = (p1[..., 0] - p0[..., 0]) * (p2[..., 1] - p0[..., 1]) - (p1[..., 1] - p0[..., 1]) * (p2[..., 0] - p0[..., 0])
-    safe = jnp.where(jnp.abs(area) > _AREA_EPS, area, 1.0)
-    e0 = (p1[..., 0] - px) * (p2[..., 1] - py) - (p1[..., 1] - py) * (p2[..., 0] - px)
-    e1 = (p2[..., 0] - px) * (p0[..., 1] - py) - (p2[..., 1] - py) * (p0[..., 0] - px)
-    b0 = e0 / safe
-    b1 = e1 / safe
+    area = _cross(p1[..., 0] - p0[..., 0], p1[..., 1] - p0[..., 1], p2[..., 0] - p0[..., 0], p2[..., 1] - p0[..., 1])
+    inv = 1.0 / jnp.where(jnp.abs(area) > _AREA_EPS, area, 1.0)
+    e0 = _cross(p1[..., 0] - px, p1[..., 1] - py, p2[..., 0] - px, p2[..., 1] - py)
+    e1 = _cross(p2[..., 0] - px, p2[..., 1] - py, p0[..., 0] - px, p0[..., 1] - py)
+    b0 = _rounded(e0 * inv)
+    b1 = _rounded(e1 * inv)
     return b0, b1, 1.0 - b0 - b1, area
+
+
+def _depth(b0, b1, b2, z0, z1, z2):
+    """Screen-affine depth ``(b0 z0 + b1 z1) + b2 z2`` with rounded products (kernels' order)."""
+    return _rounded(b0 * z0) + _rounded(b1 * z1) + _rounded(b2 * z2)
+
+
+def _pixel_range(x, y, h, w):
+    """Continuous pixel-index coordinates of NDC points: ``sx = ((x + 1) W - 1) / 2`` (column),
+    ``sy = ((1 - y) H - 1) / 2`` (row); pixel (i, j) has its centre at (sy, sx) = (i, j)."""
+    sx = _rounded((_rounded((x + 1.0) * float(w)) - 1.0) * 0.5)
+    sy = _rounded((_rounded((1.0 - y) * float(h)) - 1.0) * 0.5)
+    return sx, sy
 
 
 def _validate(pos_clip, tris, resolution):
@@ -83,15 +143,24 @@ def _validate(pos_clip, tris, resolution):
     return h, w
 
 
-def _triangle_setup(pc, tris):
-    """Per-triangle NDC vertices [F,3,3] and validity [F] for one view's clip positions pc [V,4]."""
+def _triangle_setup(pc, tris, h, w):
+    """Per-triangle NDC corners [F,3,3], validity [F] and padded pixel box [F,4] for one view.
+
+    A triangle is valid when all corners have w > 1e-8 and its doubled area is finite with
+    |area| > 1e-12. The box (j_lo, j_hi, i_lo, i_hi) bounds the pixel-index coordinates of the
+    corners, widened by ``_BOX_PAD`` pixel: a pixel centre outside it is never covered (this also
+    keeps float noise in the edge functions of slivers from covering far-away pixels).
+    """
     tri = pc[tris]  # [F, 3, 4]
     wv = tri[..., 3]
     ok_w = jnp.all(wv > _W_EPS, axis=-1)
-    ndc = tri[..., :3] / jnp.where(ok_w[:, None], wv, 1.0)[..., None]
+    x, y, z = _ndc(tri, jnp.where(ok_w[:, None], wv, 1.0))
+    ndc = jnp.stack([x, y, z], axis=-1)
     _, _, _, area = _screen_bary(ndc[:, 0, :2], ndc[:, 1, :2], ndc[:, 2, :2], 0.0, 0.0)
-    valid = ok_w & (jnp.abs(area) > _AREA_EPS)
-    return ndc, valid
+    valid = ok_w & (jnp.abs(area) > _AREA_EPS) & jnp.isfinite(area)
+    sx, sy = _pixel_range(x, y, h, w)
+    box = jnp.stack([sx.min(-1) - _BOX_PAD, sx.max(-1) + _BOX_PAD, sy.min(-1) - _BOX_PAD, sy.max(-1) + _BOX_PAD], -1)
+    return ndc, valid, box
 
 
 @functools.partial(jax.jit, static_argnames=("h", "w", "chunk"))
@@ -99,24 +168,29 @@ def _raster_ids_ref(pos_clip, tris, h, w, chunk):
     """Pure-JAX visibility: triangle id + 1 per pixel, [B, H, W] int32 (0 = empty)."""
     px, py = pixel_centers(h, w)
     px, py = px.reshape(-1, 1), py.reshape(-1, 1)
+    jj = jnp.broadcast_to(jnp.arange(w, dtype=jnp.float32)[None, :], (h, w)).reshape(-1, 1)
+    ii = jnp.broadcast_to(jnp.arange(h, dtype=jnp.float32)[:, None], (h, w)).reshape(-1, 1)
     nf = tris.shape[0]
     nchunks = -(-nf // chunk)
     pad = nchunks * chunk - nf
 
     def one_view(pc):
-        ndc, valid = _triangle_setup(pc, tris)
+        ndc, valid, box = _triangle_setup(pc, tris, h, w)
         ndc = jnp.pad(ndc, ((0, pad), (0, 0), (0, 0)))
         valid = jnp.pad(valid, (0, pad))
+        box = jnp.pad(box, ((0, pad), (0, 0)))
         ndc = ndc.reshape(nchunks, chunk, 3, 3)
         valid = valid.reshape(nchunks, chunk)
+        box = box.reshape(nchunks, chunk, 4)
         base = (jnp.arange(nchunks, dtype=jnp.int32) * chunk)
 
         def body(carry, xs):
             best_z, best_id = carry
-            nd, ok, b = xs
+            nd, ok, bx, b = xs
             b0, b1, b2, _ = _screen_bary(nd[None, :, 0, :2], nd[None, :, 1, :2], nd[None, :, 2, :2], px, py)
-            z = b0 * nd[None, :, 0, 2] + b1 * nd[None, :, 1, 2] + b2 * nd[None, :, 2, 2]
-            inside = (b0 >= 0) & (b1 >= 0) & (b2 >= 0) & ok[None, :] & (z >= -1.0) & (z <= 1.0)
+            z = _depth(b0, b1, b2, nd[None, :, 0, 2], nd[None, :, 1, 2], nd[None, :, 2, 2])
+            in_box = (jj >= bx[None, :, 0]) & (jj <= bx[None, :, 1]) & (ii >= bx[None, :, 2]) & (ii <= bx[None, :, 3])
+            inside = (b0 >= 0) & (b1 >= 0) & (b2 >= 0) & ok[None, :] & in_box & (z >= -1.0) & (z <= 1.0)
             z = jnp.where(inside, z, jnp.inf)
             arg = jnp.argmin(z, axis=1)
             zmin = jnp.take_along_axis(z, arg[:, None], axis=1)[:, 0]
@@ -126,7 +200,7 @@ def _raster_ids_ref(pos_clip, tris, h, w, chunk):
             return (best_z, best_id), None
 
         init = (jnp.full((h * w,), jnp.inf, jnp.float32), jnp.zeros((h * w,), jnp.int32))
-        (_, ids), _ = jax.lax.scan(body, init, (ndc, valid, base))
+        (_, ids), _ = jax.lax.scan(body, init, (ndc, valid, box, base))
         return ids.reshape(h, w)
 
     return jax.vmap(one_view)(pos_clip)
@@ -148,13 +222,14 @@ def barycentrics_from_ids(pos_clip: Float[Array, "b v 4"], tris: Int[Array, "f 3
     vidx = tris[fid]  # [B,H,W,3]
     tri = jax.vmap(lambda pc, vi: pc[vi])(pos_clip, vidx)  # [B,H,W,3,4]
     wv = jnp.where(covered[..., None], tri[..., 3], 1.0)
-    ndc = tri[..., :3] / wv[..., None]
-    b0, b1, b2, _ = _screen_bary(ndc[..., 0, :2], ndc[..., 1, :2], ndc[..., 2, :2], px[None], py[None])
+    x, y, z = _ndc(tri, wv)  # [B,H,W,3] each
+    ndc = jnp.stack([x, y], axis=-1)
+    b0, b1, b2, _ = _screen_bary(ndc[..., 0, :], ndc[..., 1, :], ndc[..., 2, :], px[None], py[None])
     q0, q1, q2 = b0 / wv[..., 0], b1 / wv[..., 1], b2 / wv[..., 2]
     den = q0 + q1 + q2
     den = jnp.where(covered & (jnp.abs(den) > 1e-20), den, 1.0)
     u, v = q0 / den, q1 / den
-    zw = b0 * ndc[..., 0, 2] + b1 * ndc[..., 1, 2] + b2 * ndc[..., 2, 2]
+    zw = _depth(b0, b1, b2, z[..., 0], z[..., 1], z[..., 2])
     out = jnp.stack([u, v, zw, tri_ids.astype(jnp.float32)], axis=-1)
     return jnp.where(covered[..., None], out, 0.0)
 
