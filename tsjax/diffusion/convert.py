@@ -180,12 +180,19 @@ def flax_path(torch_module: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+# torch ``ModuleList`` / ``Sequential`` attribute names of the SD modules (diffusers, transformers CLIP).
+# ``name_<i>`` is split back into ``name.<i>`` only for these: ``linear_1`` is a plain attribute.
+LIST_NAMES = frozenset({"down_blocks", "up_blocks", "attentions", "resnets", "transformer_blocks",
+                        "downsamplers", "upsamplers", "to_out", "net", "layers"})
+
+
 def torch_key(path: tuple[str, ...]) -> str:
-    """Inverse of :func:`flax_path` for module paths: ``("to_out_0",)`` -> ``"to_out.0"``."""
+    """Inverse of :func:`flax_path` for module paths: ``("to_out_0",)`` -> ``"to_out.0"``,
+    ``("time_embedding", "linear_1")`` -> ``"time_embedding.linear_1"`` (see :data:`LIST_NAMES`)."""
     parts = []
     for p in path:
         head, sep, tail = p.rpartition("_")
-        parts.extend([head, tail] if sep and tail.isdigit() else [p])
+        parts.extend([head, tail] if sep and tail.isdigit() and head in LIST_NAMES else [p])
     return ".".join(parts)
 
 
@@ -348,7 +355,7 @@ def load_vae(path: str | os.PathLike, *, dtype: Any = jnp.float32):
     from tsjax.diffusion.vae import AutoencoderKL, VAEConfig
 
     folder = _component_dir(path, "vae")
-    cfg = VAEConfig.from_diffusers(_read_json(folder / "config.json"))
+    cfg = VAEConfig.from_diffusers(_read_json(folder / "config.json"), source=str(folder / "config.json"))
     model = AutoencoderKL(cfg)
     size = 8 * 2 ** max(len(getattr(cfg, "block_out_channels", (1,))) - 1, 0)
     tpl = _template(model, jnp.zeros((1, size, size, getattr(cfg, "in_channels", 3)), jnp.float32))
@@ -361,7 +368,7 @@ def load_text_encoder(path: str | os.PathLike, *, dtype: Any = jnp.float32):
     from tsjax.diffusion.clip_text import CLIPTextConfig, CLIPTextModel
 
     folder = _component_dir(path, "text_encoder")
-    cfg = CLIPTextConfig.from_transformers(_read_json(folder / "config.json"))
+    cfg = CLIPTextConfig.from_transformers(_read_json(folder / "config.json"), source=str(folder / "config.json"))
     model = CLIPTextModel(cfg)
     n = getattr(cfg, "max_position_embeddings", 77)
     tpl = _template(model, jnp.zeros((1, n), jnp.int32))
