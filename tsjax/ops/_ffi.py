@@ -15,6 +15,8 @@ import numpy as np
 
 LIB_DIR = Path(__file__).resolve().parents[1] / "_lib"
 _TARGET = "tsjax_rasterize"
+# extra CPU-only targets of libtsjax_cpu.so: (FFI target name, exported symbol)
+_CPU_EXTRA = (("tsjax_gather_rows", "TsjaxGatherRowsCpu"), ("tsjax_scatter_add_rows", "TsjaxScatterAddRowsCpu"))
 
 
 @functools.cache
@@ -38,7 +40,18 @@ def _load() -> dict[str, bool]:
             continue
         jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(getattr(lib, sym)), platform=platform)
         done[platform.lower()] = True
+        if platform == "cpu":
+            for target, extra in _CPU_EXTRA:
+                if hasattr(lib, extra):
+                    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, extra)), platform="cpu")
+                    done[target] = True
     return done
+
+
+def rows_available() -> bool:
+    """True when the CPU row gather / scatter-add kernels are registered and the default backend is
+    the CPU (other platforms use XLA's own gather / scatter)."""
+    return jax.default_backend() == "cpu" and all(_load().get(t, False) for t, _ in _CPU_EXTRA)
 
 
 def available(platform: str | None = None) -> bool:
@@ -47,6 +60,21 @@ def available(platform: str | None = None) -> bool:
     platform = (platform or jax.default_backend()).lower()
     platform = "cuda" if platform == "gpu" else platform
     return _load().get(platform, False)
+
+
+def gather_rows(table, idx):
+    """Native row gather: table [Bt, R, C] float32, idx [B, N] int32 (Bt in {1, B}) -> [B, N, C]
+    with zero rows for indices outside [0, R). Call only when :func:`rows_available`."""
+    b, n = idx.shape
+    out = jax.ShapeDtypeStruct((b, n, table.shape[2]), jnp.float32)
+    return jax.ffi.ffi_call("tsjax_gather_rows", out, vmap_method="sequential")(table, idx)
+
+
+def scatter_add_rows(values, idx, out_batch: int, rows: int):
+    """Native deterministic scatter-add: values [B, N, C] float32, idx [B, N] int32 -> [Bo, R, C]
+    (Bo = out_batch in {1, B}; Bo = 1 sums all batches), indices outside [0, R) dropped."""
+    out = jax.ShapeDtypeStruct((out_batch, rows, values.shape[2]), jnp.float32)
+    return jax.ffi.ffi_call("tsjax_scatter_add_rows", out, vmap_method="sequential")(values, idx)
 
 
 def rasterize_ids(pos_clip, tris, h: int, w: int):

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from tsjax.ops._rows import gather_rows
 from tsjax.ops.rasterize import pixel_centers
 
 __all__ = ["antialias"]
@@ -115,8 +116,9 @@ def antialias(color: Float[Array, "b h w c"], rast: Float[Array, "b h w 4"],
     ids = jax.lax.stop_gradient(rast[..., 3]).astype(jnp.int32)
     z = jax.lax.stop_gradient(rast[..., 2])
     covered = ids > 0
-    vi = tris[jnp.where(covered, ids - 1, 0)]  # [B,H,W,3]
-    tri = jax.vmap(lambda pc, x: pc[x])(pos_clip, vi)  # [B,H,W,3,4]
+    vi = gather_rows(tris[None], jnp.where(covered, ids - 1, 0).reshape(b, h * w))  # [B, H*W, 3]
+    tri = gather_rows(pos_clip, vi.reshape(b, h * w * 3)).reshape(b, h, w, 3, 4)
+    vi = vi.reshape(b, h, w, 3)
     wv = jnp.where(covered[..., None] & (tri[..., 3] > 1e-8), tri[..., 3], 1.0)
     v = tri[..., :2] / wv[..., None]  # NDC xy [B,H,W,3,2]
     vi = jnp.where(covered[..., None], vi, -1)

@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from tsjax.ops._rows import gather_rows
+
 __all__ = ["interpolate"]
 
 
@@ -33,16 +35,16 @@ def interpolate(attr: Float[Array, "v c"] | Float[Array, "b v c"], rast: Float[A
         raise ValueError(f"interpolate: attr must be [V,C] or [B,V,C], got shape {tuple(attr.shape)}")
     if rast.ndim != 4 or rast.shape[-1] != 4:
         raise ValueError(f"interpolate: rast must be [B,H,W,4], got shape {tuple(rast.shape)}")
-    b = rast.shape[0]
+    b, h, w = rast.shape[:3]
     if attr.ndim == 2:
-        attr = jnp.broadcast_to(attr[None], (b,) + attr.shape)
+        attr = attr[None]  # shared by all views (its gradient is summed over views)
     elif attr.shape[0] != b:
         raise ValueError(f"interpolate: attr batch {attr.shape[0]} != rast batch {b}")
     tri_ids = jax.lax.stop_gradient(rast[..., 3]).astype(jnp.int32)
     covered = tri_ids > 0
-    fid = jnp.where(covered, tri_ids - 1, 0)
-    vidx = tris[fid]  # [B,H,W,3]
-    a = jax.vmap(lambda at, vi: at[vi])(attr, vidx)  # [B,H,W,3,C]
+    fid = jnp.where(covered, tri_ids - 1, 0).reshape(b, h * w)
+    vidx = gather_rows(jnp.asarray(tris, jnp.int32)[None], fid)  # [B, H*W, 3]
+    a = gather_rows(attr, vidx.reshape(b, h * w * 3)).reshape(b, h, w, 3, attr.shape[-1])
     u, v = rast[..., 0:1], rast[..., 1:2]
     out = u * a[..., 0, :] + v * a[..., 1, :] + (1.0 - u - v) * a[..., 2, :]
     out = jnp.where(covered[..., None], out, 0.0)

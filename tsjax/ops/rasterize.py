@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from tsjax.ops._rows import gather_rows
+
 __all__ = ["rasterize", "barycentrics_from_ids", "pixel_centers", "MAX_RESOLUTION"]
 
 MAX_RESOLUTION = 16384
@@ -206,31 +208,96 @@ def _raster_ids_ref(pos_clip, tris, h, w, chunk):
     return jax.vmap(one_view)(pos_clip)
 
 
+def _persp_terms(tri, px, py, covered):
+    """Forward of :func:`_persp_bary` plus the intermediates its backward needs."""
+    wv = jnp.where(covered[..., None], tri[..., 3], 1.0)
+    x, y, z = _ndc(tri, wv)  # [..., 3] each
+    b0, b1, b2, area = _screen_bary(jnp.stack([x[..., 0], y[..., 0]], -1), jnp.stack([x[..., 1], y[..., 1]], -1),
+                                    jnp.stack([x[..., 2], y[..., 2]], -1), px, py)
+    q0, q1, q2 = b0 / wv[..., 0], b1 / wv[..., 1], b2 / wv[..., 2]
+    den = q0 + q1 + q2
+    den_ok = covered & (jnp.abs(den) > 1e-20)
+    den = jnp.where(den_ok, den, 1.0)
+    u, v = q0 / den, q1 / den
+    zw = _depth(b0, b1, b2, z[..., 0], z[..., 1], z[..., 2])
+    return (u, v, zw), (wv, x, y, z, b0, b1, b2, area, den, den_ok)
+
+
+@jax.custom_vjp
+def _persp_bary(tri, px, py, covered):
+    """Perspective-correct (u, v, z/w) [...] at pixel centres (px, py) of clip triangles tri [..., 3, 4].
+
+    The backward pass is written out analytically (one fused elementwise pass producing the [..., 3, 4]
+    cotangent) instead of differentiating the forward through many slices, which XLA materialises.
+    """
+    return _persp_terms(tri, px, py, covered)[0]
+
+
+def _persp_bary_fwd(tri, px, py, covered):
+    return _persp_bary(tri, px, py, covered), (tri, px, py, covered)
+
+
+def _persp_bary_bwd(res, g):
+    tri, px, py, covered = res
+    gu, gv, gz = (jnp.where(covered, t, 0.0) for t in g)
+    (u, v, _), (wv, x, y, z, b0, b1, b2, area, den, den_ok) = _persp_terms(tri, px, py, covered)
+    w0, w1, w2 = wv[..., 0], wv[..., 1], wv[..., 2]
+    # u = q0 / den, v = q1 / den, den = q0 + q1 + q2 (den held at 1 where it was replaced)
+    s_ = jnp.where(den_ok, (gu * u + gv * v) / den, 0.0)
+    gq0, gq1, gq2 = gu / den - s_, gv / den - s_, -s_
+    # q_k = b_k / w_k ; zw = b0 z0 + b1 z1 + b2 z2 ; b2 = 1 - b0 - b1
+    gb0 = gq0 / w0 + gz * z[..., 0]
+    gb1 = gq1 / w1 + gz * z[..., 1]
+    gb2 = gq2 / w2 + gz * z[..., 2]
+    gb0, gb1 = gb0 - gb2, gb1 - gb2
+    gw = [-gq0 * b0 / (w0 * w0), -gq1 * b1 / (w1 * w1), -gq2 * b2 / (w2 * w2)]
+    gzk = [gz * b0, gz * b1, gz * b2]
+    # b0 = e0 / A, b1 = e1 / A (A held constant where |A| <= eps)
+    a_ok = jnp.abs(area) > _AREA_EPS
+    inv = 1.0 / jnp.where(a_ok, area, 1.0)
+    ge0, ge1 = gb0 * inv, gb1 * inv
+    ga = jnp.where(a_ok, -(gb0 * b0 + gb1 * b1) * inv, 0.0)
+    x0, x1, x2 = x[..., 0], x[..., 1], x[..., 2]
+    y0, y1, y2 = y[..., 0], y[..., 1], y[..., 2]
+    # e0 = (x1-px)(y2-py) - (y1-py)(x2-px); e1 = (x2-px)(y0-py) - (y2-py)(x0-px);
+    # A = (x1-x0)(y2-y0) - (y1-y0)(x2-x0)
+    gx = [ge1 * -(y2 - py) + ga * (y1 - y2),
+          ge0 * (y2 - py) + ga * (y2 - y0),
+          ge0 * -(y1 - py) + ge1 * (y0 - py) + ga * (y0 - y1)]
+    gy = [ge1 * (x2 - px) + ga * (x2 - x1),
+          ge0 * -(x2 - px) + ga * (x0 - x2),
+          ge0 * (x1 - px) + ge1 * -(x0 - px) + ga * (x1 - x0)]
+    # x_k = cx_k / w_k (same for y, z): d/dcx = 1 / w, d/dw = -x / w
+    out = []
+    for k in range(3):
+        wk = wv[..., k]
+        gwk = gw[k] - (gx[k] * x[..., k] + gy[k] * y[..., k] + gzk[k] * z[..., k]) / wk
+        out.append(jnp.stack([gx[k] / wk, gy[k] / wk, gzk[k] / wk, gwk], -1))
+    gtri = jnp.where(covered[..., None, None], jnp.stack(out, -2), 0.0).astype(tri.dtype)
+    return gtri, None, None, None
+
+
+_persp_bary.defvjp(_persp_bary_fwd, _persp_bary_bwd)
+
+
 def barycentrics_from_ids(pos_clip: Float[Array, "b v 4"], tris: Int[Array, "f 3"],
                           tri_ids: Int[Array, "b h w"]) -> Float[Array, "b h w 4"]:
     """Differentiable (u, v, z/w, id+1) from per-pixel triangle ids (id+1, 0 = empty).
 
     Perspective-correct barycentrics at pixel centres: with screen-space barycentrics b_i and clip
     w_i, u_i = (b_i / w_i) / sum_j (b_j / w_j). z/w is affine in screen space: sum_i b_i z_i / w_i.
-    Empty pixels are all zeros. Gradients flow to ``pos_clip``; ids are treated as constants.
+    Empty pixels are all zeros. Gradients flow to ``pos_clip`` (analytic backward, then a
+    deterministic row scatter-add into [B, V, 4]); ids are treated as constants.
     """
     tri_ids = jax.lax.stop_gradient(tri_ids)
     b, h, w = tri_ids.shape
     px, py = pixel_centers(h, w)
     covered = tri_ids > 0
-    fid = jnp.where(covered, tri_ids - 1, 0)
-    vidx = tris[fid]  # [B,H,W,3]
-    tri = jax.vmap(lambda pc, vi: pc[vi])(pos_clip, vidx)  # [B,H,W,3,4]
-    wv = jnp.where(covered[..., None], tri[..., 3], 1.0)
-    x, y, z = _ndc(tri, wv)  # [B,H,W,3] each
-    ndc = jnp.stack([x, y], axis=-1)
-    b0, b1, b2, _ = _screen_bary(ndc[..., 0, :], ndc[..., 1, :], ndc[..., 2, :], px[None], py[None])
-    q0, q1, q2 = b0 / wv[..., 0], b1 / wv[..., 1], b2 / wv[..., 2]
-    den = q0 + q1 + q2
-    den = jnp.where(covered & (jnp.abs(den) > 1e-20), den, 1.0)
-    u, v = q0 / den, q1 / den
-    zw = _depth(b0, b1, b2, z[..., 0], z[..., 1], z[..., 2])
-    out = jnp.stack([u, v, zw, tri_ids.astype(jnp.float32)], axis=-1)
+    fid = jnp.where(covered, tri_ids - 1, 0).reshape(b, h * w)
+    vidx = gather_rows(tris[None], fid)  # [B, H*W, 3]
+    tri = gather_rows(pos_clip, vidx.reshape(b, h * w * 3)).reshape(b, h, w, 3, 4)
+    u, v, zw = _persp_bary(tri, px[None].astype(tri.dtype), py[None].astype(tri.dtype), covered)
+    out = jnp.stack([u, v, zw, tri_ids.astype(u.dtype)], axis=-1)
     return jnp.where(covered[..., None], out, 0.0)
 
 
