@@ -16,7 +16,7 @@
 //  2. triangle pass: in id order, the pixel box from three 8-byte loads; at 1M triangles on a
 //     512^2 image most boxes hold no pixel centre and are rejected here, before any float work.
 //     Surviving triangles get the area / validity test and the exact per-pixel coverage test.
-//  3. resolve: perspective-correct (u, v, z/w) of each pixel's winner.
+//     Each depth-test winner writes its perspective-correct (u, v, z/w) right away.
 #include "kernels/rasterize.h"
 
 #include <algorithm>
@@ -47,67 +47,93 @@ inline int16_t ToI16(float v) {  // v integral, clamp into [-1, 32767] (W, H <= 
   return static_cast<int16_t>(v);
 }
 
+// One vertex after the vertex pass: NDC x, y, z, clip w, pixel range and validity in one 32-byte
+// record, so a triangle's box test and (for the survivors) its setup touch one cache line per corner.
+struct alignas(32) Vtx {
+  float x, y, z, w;
+  Box box;
+  int32_t ok;  // w > eps and finite x, y
+  int32_t pad;
+};
+
 struct Workspace {
-  std::vector<float> ndc;   // [V, 3] NDC x, y, z
-  std::vector<Box> box;     // [V]
-  std::vector<uint8_t> ok;  // [V] w > eps and finite x, y
+  std::vector<Vtx> vtx;     // [V]
   std::vector<float> zbuf;  // [rows, W]
+  std::vector<float> px;    // [W] pixel-centre NDC x (PixX), precomputed: no division per pixel
+  std::vector<float> py;    // [H] pixel-centre NDC y (PixY)
 };
 
 void VertexPass(const RasterParams& p, int64_t b, Workspace* ws) {
   const int64_t nv = p.num_verts;
   const float* pos = p.pos + b * nv * 4;
   const float fw = static_cast<float>(p.width), fh = static_cast<float>(p.height);
-  float* ndc = ws->ndc.data();
-  Box* box = ws->box.data();
-  uint8_t* ok = ws->ok.data();
+  Vtx* vtx = ws->vtx.data();
   for (int64_t v = 0; v < nv; ++v) {
     const float* q = pos + 4 * v;
     const float w = q[3];
     const float x = q[0] / w, y = q[1] / w, z = q[2] / w;
-    ndc[3 * v] = x;
-    ndc[3 * v + 1] = y;
-    ndc[3 * v + 2] = z;
+    Vtx& o = vtx[v];
+    o.x = x;
+    o.y = y;
+    o.z = z;
+    o.w = w;
     const bool good = w > kWEps && std::isfinite(x) && std::isfinite(y);
-    ok[v] = good;
-    if (!good) {  // never widens a box; the triangle is rejected by ok[] anyway
-      box[v] = Box{32767, -1, 32767, -1};
+    o.ok = good;
+    if (!good) {  // never widens a box; the triangle is rejected by ok anyway
+      o.box = Box{32767, -1, 32767, -1};
       continue;
     }
     float sx = ((x + 1.0f) * fw - 1.0f) * 0.5f;
     float sy = ((1.0f - y) * fh - 1.0f) * 0.5f;
     sx = std::min(std::max(sx, -kClampPix), kClampPix);
     sy = std::min(std::max(sy, -kClampPix), kClampPix);
-    box[v] = Box{ToI16(std::ceil(sx - kPad)), ToI16(std::floor(sx + kPad)),
-                 ToI16(std::ceil(sy - kPad)), ToI16(std::floor(sy + kPad))};
+    o.box = Box{ToI16(std::ceil(sx - kPad)), ToI16(std::floor(sx + kPad)),
+                ToI16(std::ceil(sy - kPad)), ToI16(std::floor(sy + kPad))};
   }
 }
 
-// Rasterize rows [row0, row1) of view b into ids (id + 1) with the depth buffer ws->zbuf.
+// Rasterize rows [row0, row1) of view b into ids (id + 1) and bary with the depth buffer ws->zbuf.
+// Every depth-test winner also writes its perspective-correct (u, v, z/w) (the reference's
+// formulas, tsjax.ops.rasterize._persp_terms): the last winner of a pixel is its final triangle, and
+// its vertex records are already in cache here, unlike in a separate resolve pass over the ids.
 void RasterBand(const RasterParams& p, int64_t b, int row0, int row1, Workspace* ws) {
   const int h = p.height, w = p.width;
   int32_t* ids = p.ids + b * int64_t(h) * w;
+  float* bary = p.bary + b * int64_t(h) * w * 3;
   float* zb = ws->zbuf.data() - int64_t(row0) * w;  // indexed by absolute row
   std::fill(zb + int64_t(row0) * w, zb + int64_t(row1) * w, std::numeric_limits<float>::infinity());
   std::fill(ids + int64_t(row0) * w, ids + int64_t(row1) * w, 0);
-  const float* ndc = ws->ndc.data();
-  const Box* box = ws->box.data();
-  const uint8_t* ok = ws->ok.data();
+  std::fill(bary + int64_t(row0) * w * 3, bary + int64_t(row1) * w * 3, 0.0f);
+  const float* pxs = ws->px.data();
+  const float* pys = ws->py.data();
+  const Vtx* vtx = ws->vtx.data();
   const int32_t* tv = p.tris;
   const int r1 = row1 - 1, wm1 = w - 1;
-  for (int64_t f = 0; f < p.num_tris; ++f, tv += 3) {
-    const int32_t a = tv[0], c = tv[1], d = tv[2];
-    const Box ba = box[a], bc = box[c], bd = box[d];
+  // Vertex indices of real meshes jump around memory, so the box loads are cache misses; prefetch
+  // them kPrefetch triangles ahead (indices are only read here, never trusted: see the FFI check).
+  constexpr int64_t kPrefetch = 24;
+  const int64_t nf = p.num_tris;
+  for (int64_t f = 0; f < nf; ++f, tv += 3) {
+    if (f + kPrefetch < nf) {
+      const int32_t* tp = tv + 3 * kPrefetch;
+      __builtin_prefetch(vtx + tp[0]);
+      __builtin_prefetch(vtx + tp[1]);
+      __builtin_prefetch(vtx + tp[2]);
+    }
+    const Vtx& va = vtx[tv[0]];
+    const Vtx& vc = vtx[tv[1]];
+    const Vtx& vd = vtx[tv[2]];
+    const Box ba = va.box, bc = vc.box, bd = vd.box;
     const int i0 = std::max<int>(row0, std::min({ba.i0, bc.i0, bd.i0}));
     const int i1 = std::min<int>(r1, std::max({ba.i1, bc.i1, bd.i1}));
     if (i0 > i1) continue;
     const int j0 = std::max<int>(0, std::min({ba.j0, bc.j0, bd.j0}));
     const int j1 = std::min<int>(wm1, std::max({ba.j1, bc.j1, bd.j1}));
     if (j0 > j1) continue;
-    if (!(ok[a] & ok[c] & ok[d])) continue;
-    const float x0 = ndc[3 * a], y0 = ndc[3 * a + 1], z0 = ndc[3 * a + 2];
-    const float x1 = ndc[3 * c], y1 = ndc[3 * c + 1], z1 = ndc[3 * c + 2];
-    const float x2 = ndc[3 * d], y2 = ndc[3 * d + 1], z2 = ndc[3 * d + 2];
+    if (!(va.ok & vc.ok & vd.ok)) continue;
+    const float x0 = va.x, y0 = va.y, z0 = va.z, w0 = va.w;
+    const float x1 = vc.x, y1 = vc.y, z1 = vc.z, w1 = vc.w;
+    const float x2 = vd.x, y2 = vd.y, z2 = vd.z, w2 = vd.w;
     // same expression as tsjax.ops.rasterize._screen_bary evaluated at the origin
     const float area = (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0);
     if (!(std::fabs(area) > kAreaEps) || !std::isfinite(area)) continue;
@@ -116,11 +142,12 @@ void RasterBand(const RasterParams& p, int64_t b, int row0, int row1, Workspace*
     const float tiny = std::fabs(area) * 1e-30f;
     const int32_t id1 = static_cast<int32_t>(f) + 1;
     for (int i = i0; i <= i1; ++i) {
-      const float py = PixY(i, h);
+      const float py = pys[i];
       float* zrow = zb + int64_t(i) * w;
       int32_t* irow = ids + int64_t(i) * w;
+      float* brow = bary + int64_t(i) * w * 3;
       for (int j = j0; j <= j1; ++j) {
-        const float px = PixX(j, w);
+        const float px = pxs[j];
         const float e0 = (x1 - px) * (y2 - py) - (y1 - py) * (x2 - px);
         // fast reject: e0 * inv < 0 exactly when the signs of e0 and area differ, unless the
         // product underflows to (-)0, which needs |e0| < |area| * 2^-126 (those take the full test).
@@ -136,45 +163,15 @@ void RasterBand(const RasterParams& p, int64_t b, int row0, int row1, Workspace*
         if (z < zrow[j]) {
           zrow[j] = z;
           irow[j] = id1;
+          const float q0 = b0 / w0, q1 = b1 / w1, q2 = b2 / w2;
+          float den = q0 + q1 + q2;
+          if (!(std::fabs(den) > 1e-20f)) den = 1.0f;
+          float* o = brow + 3 * j;
+          o[0] = q0 / den;
+          o[1] = q1 / den;
+          o[2] = z;
         }
       }
-    }
-  }
-}
-
-// Perspective-correct barycentrics of the winning triangle (the reference's formulas).
-void ResolveBand(const RasterParams& p, int64_t b, int row0, int row1, const Workspace& ws) {
-  const int h = p.height, w = p.width;
-  const int32_t* ids = p.ids + b * int64_t(h) * w;
-  float* bary = p.bary + b * int64_t(h) * w * 3;
-  const float* pos = p.pos + b * p.num_verts * 4;
-  const float* ndc = ws.ndc.data();
-  for (int i = row0; i < row1; ++i) {
-    const float py = PixY(i, h);
-    for (int j = 0; j < w; ++j) {
-      const int64_t k = int64_t(i) * w + j;
-      float* o = bary + 3 * k;
-      const int32_t id = ids[k];
-      if (id == 0) { o[0] = o[1] = o[2] = 0.0f; continue; }
-      const int32_t* tv = p.tris + 3 * int64_t(id - 1);
-      const float* n0 = ndc + 3 * tv[0];
-      const float* n1 = ndc + 3 * tv[1];
-      const float* n2 = ndc + 3 * tv[2];
-      const float x0 = n0[0], y0 = n0[1], z0 = n0[2];
-      const float x1 = n1[0], y1 = n1[1], z1 = n1[2];
-      const float x2 = n2[0], y2 = n2[1], z2 = n2[2];
-      const float px = PixX(j, w);
-      const float area = (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0);
-      const float inv = 1.0f / area;
-      const float b0 = ((x1 - px) * (y2 - py) - (y1 - py) * (x2 - px)) * inv;
-      const float b1 = ((x2 - px) * (y0 - py) - (y2 - py) * (x0 - px)) * inv;
-      const float b2 = 1.0f - b0 - b1;
-      const float q0 = b0 / pos[4 * tv[0] + 3], q1 = b1 / pos[4 * tv[1] + 3], q2 = b2 / pos[4 * tv[2] + 3];
-      float den = q0 + q1 + q2;
-      if (!(std::fabs(den) > 1e-20f)) den = 1.0f;
-      o[0] = q0 / den;
-      o[1] = q1 / den;
-      o[2] = b0 * z0 + b1 * z1 + b2 * z2;
     }
   }
 }
@@ -194,9 +191,11 @@ void RasterizeCpu(const RasterParams& p, int num_threads) {
   std::atomic<int64_t> next{0};
   auto worker = [&] {
     Workspace ws;
-    ws.ndc.resize(3 * p.num_verts);
-    ws.box.resize(p.num_verts);
-    ws.ok.resize(p.num_verts);
+    ws.vtx.resize(p.num_verts);
+    ws.px.resize(p.width);
+    ws.py.resize(h);
+    for (int j = 0; j < p.width; ++j) ws.px[j] = PixX(j, p.width);
+    for (int i = 0; i < h; ++i) ws.py[i] = PixY(i, h);
     ws.zbuf.resize(int64_t(band) * p.width);
     int64_t have = -1;  // view whose vertex pass is in ws
     for (int64_t it = next++; it < items; it = next++) {
@@ -208,7 +207,6 @@ void RasterizeCpu(const RasterParams& p, int num_threads) {
         have = b;
       }
       RasterBand(p, b, r0, r1, &ws);
-      ResolveBand(p, b, r0, r1, ws);
     }
   };
   if (nt <= 1) {
