@@ -151,29 +151,37 @@ def worker_jax(name: str, kind: str, root: Path, iters: int, threads: int) -> di
     import jax.numpy as jnp
 
     from tsjax.diffusion import convert
+    from tsjax.diffusion.unet import UNet2DConditionModel
+    from tsjax.diffusion.vae import AutoencoderKL
 
     x, t, ctx, img = _inputs(name)
     if kind.startswith("unet"):
-        module, params = convert.load_unet(str(root / "unet"))
+        ucfg, params = convert.load_unet(str(root / "unet"))
+        module = UNet2DConditionModel(ucfg)
+        args = (jnp.asarray(x), jnp.asarray(t, jnp.int32), jnp.asarray(ctx))
 
-        def loss(p):
-            return jnp.mean(jnp.square(module.apply({"params": p}, x, jnp.asarray(t, jnp.int32), ctx)))
+        def fwd(p, x, t, ctx):
+            return module.apply({"params": p}, x, t, ctx)
 
-        f = jax.jit(lambda p: module.apply({"params": p}, x, jnp.asarray(t, jnp.int32), ctx)) \
-            if kind == "unet_fwd" else jax.jit(jax.grad(loss))
+        def loss(p, *a):
+            return jnp.mean(jnp.square(fwd(p, *a)))
+
+        f = jax.jit(fwd) if kind == "unet_fwd" else jax.jit(jax.grad(loss))
     else:
-        module, params = convert.load_vae(str(root / "vae"))
+        vcfg, params = convert.load_vae(str(root / "vae"))
+        module = AutoencoderKL(vcfg)
+        args = (jnp.asarray(img),)
 
-        def loss(p):
+        def loss(p, img):
             mean, _ = module.apply({"params": p}, img, method=module.encode)
             return jnp.mean(jnp.square(mean))
 
         f = jax.jit(jax.grad(loss))
     t0 = time.perf_counter()
-    compiled = f.lower(params).compile()
+    compiled = f.lower(params, *args).compile()
     compile_s = time.perf_counter() - t0
-    jax.block_until_ready(compiled(params))  # first call (allocations)
-    step = _time(lambda: jax.block_until_ready(compiled(params)), iters)
+    jax.block_until_ready(compiled(params, *args))  # first call (allocations)
+    step = _time(lambda: jax.block_until_ready(compiled(params, *args)), iters)
     return {"compile_s": compile_s, "step_s": step}
 
 
