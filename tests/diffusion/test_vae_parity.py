@@ -121,6 +121,27 @@ def test_logvar_is_clipped_like_diffusers(tmp_path):
     np.testing.assert_array_equal(lv, ref)
 
 
+def test_legacy_attention_names_load_to_the_same_params(tmp_path):
+    """Older SD VAE files name the mid-block attention query/key/value/proj_attn (some store them as 1x1
+    convs); they load to exactly the parameters of the current naming."""
+    from safetensors.torch import load_file, save_file
+
+    _, _, params = _make(tmp_path, BASE, seed=9)
+    sd = load_file(str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
+    legacy = {}
+    for k, v in sd.items():
+        for new, old in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "proj_attn")):
+            if ".attentions.0." + new + "." in k:
+                k = k.replace(new, old)
+                v = v[:, :, None, None] if v.ndim == 2 and old in ("query", "value") else v  # 1x1-conv layout
+        legacy[k] = v
+    assert any(".query.weight" in k and v.ndim == 4 for k, v in legacy.items())
+    assert any(".proj_attn.weight" in k and v.ndim == 2 for k, v in legacy.items())
+    save_file(legacy, str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
+    _, params2 = load_vae(tmp_path / "vae")
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params2, params)
+
+
 def test_bf16_compute_keeps_fp32_params_and_tracks_fp32(tmp_path):
     """bf16 compute (``dtype=jnp.bfloat16``, float32 params): encode/decode within a stated bf16 tolerance."""
     _, vcfg, params = _make(tmp_path, BASE, seed=5)
