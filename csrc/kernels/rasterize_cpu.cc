@@ -111,7 +111,7 @@ void RasterBand(const RasterParams& p, int64_t b, int row0, int row1, Workspace*
   const int r1 = row1 - 1, wm1 = w - 1;
   // Vertex indices of real meshes jump around memory, so the box loads are cache misses; prefetch
   // them kPrefetch triangles ahead (indices are only read here, never trusted: see the FFI check).
-  constexpr int64_t kPrefetch = 24;
+  constexpr int64_t kPrefetch = 32;
   const int64_t nf = p.num_tris;
   for (int64_t f = 0; f < nf; ++f, tv += 3) {
     if (f + kPrefetch < nf) {
