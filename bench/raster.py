@@ -4,8 +4,11 @@ Prints one JSON object per measurement (stdout). Usage:
   python bench/raster.py [--views 8] [--res 512] [--repeats 5] [--sizes 100k,1m]
 
 Meshes are icospheres (subdivision 6 = 81,920 triangles, 8 = 1,310,720 triangles) seen from orbit
-cameras. Times are seconds; ``compile_s`` is the first call (trace + compile + run), ``median_s`` the
-median of ``repeats`` steady-state calls. Ray casting uses the same pixel centres (one ray per pixel).
+cameras. Times are seconds; ``compile_s`` is the first call (trace + compile + run), ``median_s`` /
+``min_s`` the median / minimum of ``repeats`` steady-state calls. Ray casting uses the same pixel
+centres (one ray per pixel). On a shared machine compare the ratios, which are measured interleaved
+(FFI and embree alternate call by call, as do render forward and forward+backward) and taken from
+the minimum times (``*_min``) and from the medians.
 """
 from __future__ import annotations
 
@@ -41,8 +44,8 @@ def timed(fn, repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(fn())
         ts.append(time.perf_counter() - t0)
-    timed.last_min = min(ts)
-    return first, statistics.median(ts)
+    timed.last_min = min(ts) if ts else first
+    return first, (statistics.median(ts) if ts else first)
 
 
 def main():
@@ -69,18 +72,20 @@ def main():
         pc = jax.block_until_ready(C.world_to_clip(verts, cams))
 
         ffi_fn = jax.jit(lambda p: _ffi.rasterize_ids(p, tris, *res)[0])
-        c, s = timed(lambda: ffi_fn(pc), a.repeats)
-        emit(kind="ffi_ids", **common, compile_s=c, median_s=s, min_s=timed.last_min, per_frame_s=s / b)
-        ffi_frame = s / b
+        t0 = time.perf_counter()
+        jax.block_until_ready(ffi_fn(pc))
+        ffi_compile = time.perf_counter() - t0
 
         # pure-JAX reference: estimate from one view at 64x64 (cost ~ H*W*F) before running it
-        est_fn = jax.jit(lambda p: _raster_ids_ref(p, tris, 64, 64, _ref_chunk(64, 64, nf)))
+        # (timed on the first <= 16384 triangles, scaled by the triangle count)
+        nf_est = min(nf, 16384)
+        est_fn = jax.jit(lambda p: _raster_ids_ref(p, tris[:nf_est], 64, 64, _ref_chunk(64, 64, nf_est)))
         _, s_small = timed(lambda: est_fn(pc[:1]), 1)
-        est = s_small * b * (res[0] * res[1]) / (64 * 64)
+        est = s_small * b * (res[0] * res[1]) / (64 * 64) * nf / nf_est
         if est > a.ref_budget:
             emit(kind="ref_ids", **common, skipped=True,
                  reason=f"estimated {est:.0f}s for {b} views (> --ref-budget {a.ref_budget:.0f}s; O(H*W*F))",
-                 measured_1view_64x64_s=s_small)
+                 measured_1view_64x64_s=s_small, measured_faces=nf_est)
         else:
             ref_fn = jax.jit(lambda p: _raster_ids_ref(p, tris, res[0], res[1], _ref_chunk(res[0], res[1], nf)))
             c, s = timed(lambda: ref_fn(pc), 1)
@@ -101,18 +106,24 @@ def main():
             d = (p[:, :3] / p[:, 3:]) @ c2w[v, :3, :3].T
             d /= np.linalg.norm(d, axis=1, keepdims=True)
             rays.append((np.broadcast_to(c2w[v, :3, 3], d.shape).copy(), d))
-        ts = []
-        hits = None  # same number of repeats as the FFI timing, median
-        for _ in range(a.repeats):
+        t_ffi, t_emb = [], []
+        hits = None
+        for _ in range(a.repeats):  # interleaved: both see the same machine load
+            t0 = time.perf_counter()
+            ids = jax.block_until_ready(ffi_fn(pc))
+            t_ffi.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             hits = [m.ray.intersects_first(o, d) for o, d in rays]
-            ts.append(time.perf_counter() - t0)
-        s = statistics.median(ts)
-        ids = np.asarray(ffi_fn(pc)).reshape(b, -1).astype(np.int64) - 1
+            t_emb.append(time.perf_counter() - t0)
+        ids = np.asarray(ids).reshape(b, -1).astype(np.int64) - 1
         hit = np.stack(hits)
         cov = (ids >= 0) | (hit >= 0)
-        emit(kind="embree_ray_cast", **common, bvh_build_s=bvh, median_s=s, min_s=min(ts), per_frame_s=s / b,
-             agreement_with_ffi=float((ids[cov] == hit[cov]).mean()), ffi_speedup=(s / b) / ffi_frame)
+        emit(kind="ffi_ids", **common, compile_s=ffi_compile, median_s=statistics.median(t_ffi), min_s=min(t_ffi),
+             per_frame_s=statistics.median(t_ffi) / b, per_frame_min_s=min(t_ffi) / b)
+        emit(kind="embree_ray_cast", **common, bvh_build_s=bvh, median_s=statistics.median(t_emb), min_s=min(t_emb),
+             per_frame_s=statistics.median(t_emb) / b, per_frame_min_s=min(t_emb) / b,
+             agreement_with_ffi=float((ids[cov] == hit[cov]).mean()),
+             ffi_speedup=statistics.median(t_emb) / statistics.median(t_ffi), ffi_speedup_min=min(t_emb) / min(t_ffi))
 
         # forward vs forward+backward of a render (rasterize + interpolate colours + loss)
         colors = jnp.asarray(np.asarray(m.vertices) * 0.5 + 0.5, jnp.float32)
@@ -124,10 +135,19 @@ def main():
 
         fwd = jax.jit(loss)
         fb = jax.jit(jax.value_and_grad(loss))
-        c1, s1 = timed(lambda: fwd(verts), a.repeats)
-        c2, s2 = timed(lambda: fb(verts), a.repeats)
-        emit(kind="render_fwd", **common, compile_s=c1, median_s=s1)
-        emit(kind="render_fwd_bwd", **common, compile_s=c2, median_s=s2, ratio_to_fwd=s2 / s1)
+        c1, _ = timed(lambda: fwd(verts), 0)
+        c2, _ = timed(lambda: fb(verts), 0)
+        t_f, t_fb = [], []
+        for _ in range(a.repeats):  # interleaved
+            t0 = time.perf_counter()
+            jax.block_until_ready(fwd(verts))
+            t_f.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            jax.block_until_ready(fb(verts))
+            t_fb.append(time.perf_counter() - t0)
+        emit(kind="render_fwd", **common, compile_s=c1, median_s=statistics.median(t_f), min_s=min(t_f))
+        emit(kind="render_fwd_bwd", **common, compile_s=c2, median_s=statistics.median(t_fb), min_s=min(t_fb),
+             ratio_to_fwd=statistics.median(t_fb) / statistics.median(t_f), ratio_to_fwd_min=min(t_fb) / min(t_f))
 
 
 if __name__ == "__main__":
