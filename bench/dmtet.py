@@ -23,10 +23,10 @@ cases. Outputs are dynamic-size tensors (no capacity, no compile). Both give the
 tsjax: the jitted ``marching_tets`` with a static face capacity (1.25 x the surface's face count,
 rounded up to 1024) -- every jitted call compiles once for any surface that fits.
 
-Every (implementation, grid, workload) runs in its own subprocess so that ``peak_rss_bytes`` (the
-process's high-water resident memory, ``ru_maxrss``) is its own; ``base_rss_bytes`` is the high-water
-mark after imports, grid loading and SDF set-up, before the workload (the difference is the workload's
-memory). ``compile_s``: tsjax ``lower + compile`` time (0 for PyTorch, eager). ``first_s``: first call,
+Every (implementation, grid, workload) runs in its own subprocess. ``base_rss_bytes``: resident memory
+after imports, grid loading and SDF set-up; the high-water mark is then reset (Linux
+``/proc/self/clear_refs``) and ``peak_rss_bytes`` is the process's peak resident memory (``VmHWM``)
+over the compile and all calls of the workload (so ``peak - base`` is the workload's own memory). ``compile_s``: tsjax ``lower + compile`` time (0 for PyTorch, eager). ``first_s``: first call,
 ``median_s`` / ``min_s``: over ``--repeats`` steady calls. The machine is shared: compare the ratios
 (``torch_over_tsjax`` = PyTorch min time / tsjax min time, > 1 means tsjax is faster), which come from
 the same run.
@@ -52,8 +52,26 @@ def emit(**kw):
     print(json.dumps(kw), flush=True)
 
 
-def _rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _start_memory() -> int:
+    """Reset the high-water mark (Linux ``clear_refs`` 5) and return the current resident bytes."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _status_bytes("VmRSS")
+
+
+def _peak() -> int:
+    return _status_bytes("VmHWM")
 
 
 def wavy_sdf(verts: np.ndarray) -> np.ndarray:
@@ -121,7 +139,7 @@ def worker_torch(n, workload, repeats):
     tets = torch.from_numpy(g.tets).long()
     del g
     table, ntab = torch.from_numpy(TRI_TABLE).long(), torch.from_numpy(NUM_TRIS).long()
-    base = _rss()
+    base = _start_memory()
 
     if workload == "extract":
         def run():
@@ -148,7 +166,7 @@ def worker_torch(n, workload, repeats):
         times.append(time.perf_counter() - t0)
     return dict(impl="torch", torch_version=torch.__version__, torch_threads=torch.get_num_threads(),
                 faces=nf, verts=nvv, area=area, compile_s=0.0, **_stats(first, times),
-                base_rss_bytes=base, peak_rss_bytes=_rss())
+                base_rss_bytes=base, peak_rss_bytes=_peak())
 
 
 # -------------------------------------------------------------------------------------------- tsjax
@@ -165,7 +183,7 @@ def worker_jax(n, workload, repeats, views, res, max_faces):
     sdf0 = jnp.asarray(wavy_sdf(g.verts))
     g = jax.device_put(g)
     cams = make_cameras(jnp.full((views,), 20.0), jnp.arange(views) * 360.0 / views + 30.0, 1.5, 40.0)
-    base = _rss()
+    base = _start_memory()
 
     def extract(grid, sdf, pos):
         return marching_tets(pos, sdf, grid, max_faces=max_faces)
@@ -207,7 +225,7 @@ def worker_jax(n, workload, repeats, views, res, max_faces):
         nf, nvv, ov, value = int(m.num_faces), int(m.num_verts), int(m.overflow), float(value)
     return dict(impl="tsjax", jax_version=jax.__version__, faces=nf, verts=nvv, overflow=ov, max_faces=max_faces,
                 **({"area": value} if workload == "extract_backward" else {"loss": value} if value is not None else {}),
-                compile_s=round(compile_s, 4), **_stats(first, times), base_rss_bytes=base, peak_rss_bytes=_rss())
+                compile_s=round(compile_s, 4), **_stats(first, times), base_rss_bytes=base, peak_rss_bytes=_peak())
 
 
 def check_parity(n):

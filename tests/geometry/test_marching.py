@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import trimesh
 
-from tsjax.geometry.marching import NUM_TRIS, TRI_TABLE, compact_mesh, marching_tets
+from tsjax.geometry.marching import NUM_TRIS, TRI_TABLE, _marching, compact_mesh, marching_tets
 from tsjax.geometry.tets import build_tet_grid
 
 
@@ -70,6 +70,26 @@ def test_raw_tets_argument_matches_grid():
     b = marching_tets(g.verts, sdf, g.tets, max_faces=2000)
     assert int(a.num_faces) == int(b.num_faces) > 0
     np.testing.assert_allclose(_area_volume(*compact_mesh(a)), _area_volume(*compact_mesh(b)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 7, 33])
+def test_structured_kuhn_path_equals_table_path(n):
+    """The Kuhn-grid path (bitset rank/select, strided slices) gives bit-identical buffers to the
+    generic unique-edge-table path, with ample and with overflowing capacities."""
+    g = build_tet_grid(n, cache=False)
+    rng = np.random.default_rng(n)
+    noisy = rng.normal(size=len(g.verts)).astype(np.float32)  # every case code, many crossings
+    sphere = (np.linalg.norm(g.verts, axis=1) - 0.3).astype(np.float32)
+    for sdf in (noisy, sphere):
+        for mf, mv in ((40000, 40000), (3000, 3000), (50, 20)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                a = marching_tets(g.verts, sdf, g, max_faces=mf, max_verts=mv)
+            b = _marching(jnp.asarray(g.verts), jnp.asarray(sdf), g.tets, g.edges, g.tet_edges, max_faces=mf,
+                          max_verts=mv)
+            for name, x, y in zip(a._fields, a, b):
+                assert np.array_equal(np.asarray(x), np.asarray(y)), (n, mf, name)
+    assert int(a.num_faces) > 0 or n == 1
 
 
 def _loss_fn(g, w_v):

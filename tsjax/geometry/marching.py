@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from tsjax.geometry.tets import LOCAL_EDGES, TetGrid, tet_edge_table
+from tsjax.geometry.tets import _OFFSETS, LOCAL_EDGES, TetGrid, _cell_template, tet_edge_table
 
 __all__ = ["TriMesh", "marching_tets", "TRI_TABLE", "NUM_TRIS", "compact_mesh", "warn_if_degenerate"]
 
@@ -133,6 +133,124 @@ def _marching(verts, sdf, tets, edges, tet_edges, *, max_faces: int, max_verts: 
     return TriMesh(pos, faces, fmask, vmask, num_faces, num_verts, (total_f - num_faces).astype(jnp.int32))
 
 
+# Kuhn-grid structure (see tsjax.geometry.tets): the 6 tets of a cell as corner ids in the cube (corner
+# c = 4 cx + 2 cy + cz), and each local edge as (lower corner id, offset id of the 7 edge offsets).
+_TMPL, _EDGE_LOWER, _EDGE_OFF = _cell_template()
+_TET_CORNER_ID = (_TMPL @ np.array([4, 2, 1])).astype(np.int32)  # [6, 4]
+_EDGE_LOWER_ID = (_EDGE_LOWER @ np.array([4, 2, 1])).astype(np.int32)  # [6, 6]
+_EDGE_OFF_ID = _EDGE_OFF.astype(np.int32)  # [6, 6]
+
+
+def _pack_bits(flags):
+    """bool [N] -> uint32 words [ceil(N / 32)], bit i of word g = flags[32 g + i]."""
+    pad = (-flags.shape[0]) % 32
+    f = jnp.pad(flags, (0, pad)).reshape(-1, 32).astype(jnp.uint32)
+    return jnp.sum(f << jnp.arange(32, dtype=jnp.uint32), axis=1, dtype=jnp.uint32)
+
+
+def _low_mask(k):
+    """uint32 mask of the ``k`` lowest bits (k in [0, 31])."""
+    return (jnp.uint32(1) << k.astype(jnp.uint32)) - jnp.uint32(1)
+
+
+class _Bitset(NamedTuple):
+    """A packed bitset with a rank table: ``excl[g]`` = set bits in words before ``g``."""
+
+    words: jnp.ndarray
+    incl: jnp.ndarray
+    excl: jnp.ndarray
+
+    @classmethod
+    def build(cls, flags):
+        words = _pack_bits(flags)
+        cnt = jax.lax.population_count(words).astype(jnp.int32)
+        incl = jnp.cumsum(cnt)
+        return cls(words, incl, incl - cnt)
+
+    @property
+    def total(self):
+        return self.incl[-1]
+
+    def rank(self, d):
+        """Number of set bits before position ``d`` (int32 array of positions)."""
+        g = d >> 5
+        return self.excl[g] + jax.lax.population_count(self.words[g] & _low_mask(d & 31)).astype(jnp.int32)
+
+    def select(self, j):
+        """Position of the ``j``-th set bit (0-based; garbage, but in range, for ``j >= total``)."""
+        g = jnp.minimum(jnp.searchsorted(self.incl, j, side="right"), self.words.shape[0] - 1)
+        r = j - self.excl[g]
+        w = self.words[g]
+        lo = jnp.zeros_like(j)
+        for step in (16, 8, 4, 2, 1):  # largest lo with popcount(bits below lo) <= r
+            ok = jax.lax.population_count(w & _low_mask(lo + step)).astype(jnp.int32) <= r
+            lo = jnp.where(ok, lo + step, lo)
+        return g * 32 + lo
+
+
+@functools.partial(jax.jit, static_argnames=("n", "max_faces", "max_verts"))
+def _marching_kuhn(verts, sdf, *, n: int, max_faces: int, max_verts: int) -> TriMesh:
+    """:func:`_marching` specialised to the Kuhn grid of ``n`` cells per side (same output, bit for bit).
+
+    The grid's regular structure replaces the table gathers and the two full-length prefix sums:
+      * edge crossings are computed densely per (grid vertex p, edge offset o), bit ``7 p + o`` of a
+        packed bitset (offsets leaving the grid never cross, so the order of the crossings, hence the
+        vertex numbering, equals that of the stored edge table);
+      * the per-tet case codes come from the 8 shifted corner-occupancy volumes of the cells (strided
+        slices), and every tet owns 2 face slots (bit ``2 t + s`` set when the tet has > s triangles);
+      * the j-th surface vertex / k-th face is found by a *select* on the bitset (binary search in the
+        per-word prefix counts, then within the 32-bit word with popcounts), and a face corner's vertex
+        index is the *rank* of its grid edge, whose id follows from the cell coordinates and the cell
+        template. Only per-word counts (1/32 of the bits) are prefix-summed.
+    """
+    m = n + 1
+    occ3 = (sdf > 0).reshape(m, m, m)
+    cross = []
+    for o in _OFFSETS:
+        ox, oy, oz = (int(c) for c in o)
+        c = occ3[: m - ox, : m - oy, : m - oz] != occ3[ox:, oy:, oz:]
+        cross.append(jnp.pad(c, ((0, ox), (0, oy), (0, oz))))
+    ebits = _Bitset.build(jnp.stack(cross, -1).reshape(-1))  # bit 7 p + o
+    total_v = ebits.total
+    j = jnp.arange(max_verts, dtype=jnp.int32)
+    vmask = j < total_v
+    d = jnp.where(vmask, ebits.select(j), 0)
+    strides = jnp.asarray(_OFFSETS @ np.array([m * m, m, 1]), jnp.int32)  # [7]
+    a = d // 7
+    b = jnp.where(vmask, a + strides[d % 7], a)
+    sa, sb = sdf[a], sdf[b]
+    den = sa - sb
+    den = jnp.where(vmask & (den != 0), den, 1.0)
+    t = jnp.where(vmask, sa / den, 0.0)
+    pa, pb = verts[a], verts[b]
+    pos = jnp.where(vmask[:, None], pa + t[:, None] * (pb - pa), 0.0)
+    # case codes [n, n, n, 6] in the order of TetGrid.tets (cell-major, then the 6 template tets)
+    corner = [occ3[(c >> 2) & 1: ((c >> 2) & 1) + n, (c >> 1) & 1: ((c >> 1) & 1) + n, c & 1: (c & 1) + n]
+              .astype(jnp.uint8) for c in range(8)]
+    code = jnp.stack([sum(corner[int(_TET_CORNER_ID[tt, k])] << k for k in range(4)) for tt in range(6)], -1)
+    code = code.reshape(-1)  # [Nt] uint8
+    pc = jax.lax.population_count(code)
+    ntri = jnp.where(pc == 2, 2, jnp.where((pc == 1) | (pc == 3), 1, 0)).astype(jnp.uint8)
+    fbits = _Bitset.build((ntri[:, None] > jnp.arange(2, dtype=jnp.uint8)).reshape(-1))  # bit 2 t + s
+    total_f = fbits.total
+    k = jnp.arange(max_faces, dtype=jnp.int32)
+    q = jnp.where(k < total_f, fbits.select(k), 0)
+    ft, slot = q // 2, q % 2
+    local = jnp.asarray(TRI_TABLE)[code[ft].astype(jnp.int32), slot]  # [F, 3] local edge ids
+    cell, tt = ft // 6, ft % 6
+    ci, cj, ck = cell // (n * n), (cell // n) % n, cell % n
+    base = (ci * m + cj) * m + ck  # grid vertex of the cell's (0, 0, 0) corner
+    lower = jnp.asarray(_EDGE_LOWER_ID)[tt[:, None], local]  # [F, 3] corner id 4x + 2y + z
+    lower_v = ((lower >> 2) & 1) * (m * m) + ((lower >> 1) & 1) * m + (lower & 1)
+    dense = (base[:, None] + lower_v) * 7 + jnp.asarray(_EDGE_OFF_ID)[tt[:, None], local]
+    vidx = ebits.rank(dense)
+    fmask = (k < total_f) & jnp.all(vidx < max_verts, axis=1)
+    faces = jnp.where(fmask[:, None], vidx, 0).astype(jnp.int32)
+    num_faces = jnp.sum(fmask.astype(jnp.int32))
+    num_verts = jnp.minimum(total_v, max_verts).astype(jnp.int32)
+    return TriMesh(pos, faces, fmask, vmask, num_faces, num_verts, (total_f - num_faces).astype(jnp.int32))
+
+
 def _is_concrete(*xs) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for x in xs)
 
@@ -157,8 +275,10 @@ def marching_tets(verts: Float[Array, "nv 3"], sdf: Float[Array, " nv"], grid: T
     Args:
       verts: [Nv, 3] float32 (deformed) grid vertex positions; gradients flow to them.
       sdf: [Nv] float32 signed distance (negative inside); gradients flow to it.
-      grid: a :class:`~tsjax.geometry.tets.TetGrid` (uses its precomputed unique edges) or a concrete
-        [Nt, 4] int32 tet array (edges are then computed in numpy, each call).
+      grid: a :class:`~tsjax.geometry.tets.TetGrid` or a concrete [Nt, 4] int32 tet array (edges are
+        then computed in numpy, each call). A grid built by :func:`~tsjax.geometry.tets.build_tet_grid`
+        (``resolution > 0``) takes the structured Kuhn-grid path (strided slices instead of table
+        gathers, identical output); any other grid uses its precomputed unique-edge tables.
       max_faces: face capacity (static).
       max_verts: vertex capacity (static); default ``max_faces`` (a closed surface has ~F/2 vertices).
 
@@ -168,8 +288,11 @@ def marching_tets(verts: Float[Array, "nv 3"], sdf: Float[Array, " nv"], grid: T
     if max_faces < 1 or (max_verts is not None and max_verts < 1):
         raise ValueError(f"marching_tets: max_faces/max_verts must be >= 1, got {max_faces}/{max_verts}")
     max_verts = int(max_faces if max_verts is None else max_verts)
+    kuhn = 0
     if isinstance(grid, TetGrid):
         tets, edges, tet_edges = grid.tets, grid.edges, grid.tet_edges
+        if int(grid.resolution) > 0 and tuple(tets.shape) == (6 * int(grid.resolution) ** 3, 4):
+            kuhn = int(grid.resolution)
     else:
         if isinstance(grid, jax.core.Tracer):
             raise ValueError("marching_tets: pass a TetGrid (precomputed edges) when tets are traced")
@@ -180,7 +303,10 @@ def marching_tets(verts: Float[Array, "nv 3"], sdf: Float[Array, " nv"], grid: T
     if verts.ndim != 2 or verts.shape[1] != 3 or sdf.shape != (verts.shape[0],):
         raise ValueError(f"marching_tets: verts must be [Nv,3] and sdf [Nv], got {tuple(verts.shape)} and "
                          f"{tuple(sdf.shape)}")
-    mesh = _marching(verts, sdf, tets, edges, tet_edges, max_faces=int(max_faces), max_verts=max_verts)
+    if kuhn:
+        mesh = _marching_kuhn(verts, sdf, n=kuhn, max_faces=int(max_faces), max_verts=max_verts)
+    else:
+        mesh = _marching(verts, sdf, tets, edges, tet_edges, max_faces=int(max_faces), max_verts=max_verts)
     warn_if_degenerate(mesh)
     return mesh
 
