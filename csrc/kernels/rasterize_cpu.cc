@@ -39,8 +39,10 @@ inline float PixY(int i, int h) { return 1.0f - (2.0f * static_cast<float>(i) + 
 // Pixel-centre range of one vertex: pixel j has its centre at x_j = (2j+1)/W - 1, so
 // j = ((x + 1) W - 1) / 2. The range is widened by 1e-2 pixel so float rounding of the coverage
 // test at the box border can never drop a pixel the reference would cover.
+// Stored as (j0, -j1, i0, -i1) so that a triangle's box is the lane-wise minimum of its three
+// corners' boxes (one SSE2 pminsw per pair of corners).
 struct Box {
-  int16_t j0, j1, i0, i1;
+  int16_t j0, nj1, i0, ni1;
 };
 constexpr float kPad = 1e-2f;
 constexpr float kClampPix = 1e6f;  // keeps float -> int conversions defined for far-away vertices
@@ -80,15 +82,15 @@ void VertexPassScalar(const float* pos, int64_t v0, int64_t v1, float fw, float 
     const bool good = w > kWEps && std::isfinite(x) && std::isfinite(y);
     o.ok = good;
     if (!good) {  // never widens a box; the triangle is rejected by ok anyway
-      o.box = Box{32767, -1, 32767, -1};
+      o.box = Box{32767, 1, 32767, 1};
       continue;
     }
     float sx = ((x + 1.0f) * fw - 1.0f) * 0.5f;
     float sy = ((1.0f - y) * fh - 1.0f) * 0.5f;
     sx = std::min(std::max(sx, -kClampPix), kClampPix);
     sy = std::min(std::max(sy, -kClampPix), kClampPix);
-    o.box = Box{ToI16(std::ceil(sx - kPad)), ToI16(std::floor(sx + kPad)),
-                ToI16(std::ceil(sy - kPad)), ToI16(std::floor(sy + kPad))};
+    o.box = Box{ToI16(std::ceil(sx - kPad)), static_cast<int16_t>(-ToI16(std::floor(sx + kPad))),
+                ToI16(std::ceil(sy - kPad)), static_cast<int16_t>(-ToI16(std::floor(sy + kPad)))};
   }
 }
 
@@ -135,9 +137,9 @@ void VertexPass(const RasterParams& p, int64_t b, Workspace* ws) {
       Vtx& o = vtx[v + k];
       _mm_store_ps(&o.x, rec[k]);
       o.ok = okm[k] != 0;
-      o.box = okm[k] ? Box{static_cast<int16_t>(a0[k]), static_cast<int16_t>(a1[k]), static_cast<int16_t>(a2[k]),
-                           static_cast<int16_t>(a3[k])}
-                     : Box{32767, -1, 32767, -1};
+      o.box = okm[k] ? Box{static_cast<int16_t>(a0[k]), static_cast<int16_t>(-a1[k]), static_cast<int16_t>(a2[k]),
+                           static_cast<int16_t>(-a3[k])}
+                     : Box{32767, 1, 32767, 1};
     }
   }
   VertexPassScalar(pos, n4, nv, fw, fh, vtx);
@@ -164,6 +166,8 @@ void RasterBand(const RasterParams& p, int64_t b, int row0, int row1, Workspace*
   // them kPrefetch triangles ahead (indices are only read here, never trusted: see the FFI check).
   constexpr int64_t kPrefetch = 32;
   const int64_t nf = p.num_tris;
+  const __m128i lim = _mm_setr_epi16(0, static_cast<int16_t>(-wm1), static_cast<int16_t>(row0),
+                                     static_cast<int16_t>(-r1), 0, 0, 0, 0);
   for (int64_t f = 0; f < nf; ++f, tv += 3) {
     if (f + kPrefetch < nf) {
       const int32_t* tp = tv + 3 * kPrefetch;
@@ -174,13 +178,17 @@ void RasterBand(const RasterParams& p, int64_t b, int row0, int row1, Workspace*
     const Vtx& va = vtx[tv[0]];
     const Vtx& vc = vtx[tv[1]];
     const Vtx& vd = vtx[tv[2]];
-    const Box ba = va.box, bc = vc.box, bd = vd.box;
-    const int i0 = std::max<int>(row0, std::min({ba.i0, bc.i0, bd.i0}));
-    const int i1 = std::min<int>(r1, std::max({ba.i1, bc.i1, bd.i1}));
-    if (i0 > i1) continue;
-    const int j0 = std::max<int>(0, std::min({ba.j0, bc.j0, bd.j0}));
-    const int j1 = std::min<int>(wm1, std::max({ba.j1, bc.j1, bd.j1}));
-    if (j0 > j1) continue;
+    // box = lane-wise min of the corners' (j0, -j1, i0, -i1), clamped to the band; empty unless
+    // j0 + (-j1) <= 0 and i0 + (-i1) <= 0 (saturating adds: no wrap-around)
+    __m128i m = _mm_min_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(&va.box)),
+                              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(&vc.box)));
+    m = _mm_max_epi16(_mm_min_epi16(m, _mm_loadl_epi64(reinterpret_cast<const __m128i*>(&vd.box))), lim);
+    const __m128i sum = _mm_adds_epi16(m, _mm_shufflelo_epi16(m, _MM_SHUFFLE(2, 3, 0, 1)));
+    if (_mm_movemask_epi8(_mm_cmpgt_epi16(sum, _mm_setzero_si128())) & 0x33) continue;
+    const int j0 = static_cast<int16_t>(_mm_extract_epi16(m, 0));
+    const int j1 = -static_cast<int16_t>(_mm_extract_epi16(m, 1));
+    const int i0 = static_cast<int16_t>(_mm_extract_epi16(m, 2));
+    const int i1 = -static_cast<int16_t>(_mm_extract_epi16(m, 3));
     if (!(va.ok & vc.ok & vd.ok)) continue;
     const float x0 = va.x, y0 = va.y, z0 = va.z, w0 = va.w;
     const float x1 = vc.x, y1 = vc.y, z1 = vc.z, w1 = vc.w;

@@ -48,7 +48,7 @@ def _assert_parity(pos, tris, res, bary_tol=1e-5):
     return ids
 
 
-def test_ffi_matches_reference_on_shared_edge_meshes():
+def test_ffi_matches_reference_on_shared_edge_meshes(monkeypatch):
     # closed icosphere: every edge is shared, so pixels on edges are depth ties between neighbours and
     # any FMA contraction or re-rounding on one side would flip ids (the reference pins its roundings)
     m = trimesh.creation.icosphere(3, radius=0.45)
@@ -56,6 +56,13 @@ def test_ffi_matches_reference_on_shared_edge_meshes():
     pc = C.world_to_clip(jnp.asarray(m.vertices, jnp.float32), cams)
     ids = _assert_parity(pc, jnp.asarray(m.faces, jnp.int32), (80, 80))
     assert (ids > 0).mean() > 0.2 and len(np.unique(ids)) > 500
+    # the kernel's work split (one item per view, or row bands when threads > views) and the
+    # thread count never change the result
+    for threads in ("1", "7"):
+        monkeypatch.setenv("TSJAX_RASTER_THREADS", threads)
+        out = np.asarray(_ffi.rasterize_ids(pc, jnp.asarray(m.faces, jnp.int32), 80, 80)[0])
+        np.testing.assert_array_equal(out, ids)
+    monkeypatch.delenv("TSJAX_RASTER_THREADS")
     # random soup on shared vertices: vertices far outside the view (|x| ~ 1e8), behind the camera
     # and repeated, so slivers, huge boxes and degenerate triangles all occur
     rng = np.random.default_rng(3)
