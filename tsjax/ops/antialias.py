@@ -40,6 +40,11 @@ def _edge_fns(v, px, py):
     return (a[..., 0] - px) * (b[..., 1] - py) - (a[..., 1] - py) * (b[..., 0] - px)
 
 
+def _pick(x, k):
+    """``x[..., k]`` for a last axis of size 3 as selects (XLA's CPU gathers are slow; same gradient)."""
+    return jnp.where(k == 0, x[..., 0], jnp.where(k == 1, x[..., 1], x[..., 2]))
+
+
 def _pair_deltas(c_a, c_b, id_a, id_b, z_a, z_b, v_a, v_b, vi_a, vi_b, pa, pb, horizontal, h, w):
     """Colour deltas (d_a, d_b) for pixel pairs a-b (all arrays aligned on the pair grid)."""
     za = jnp.where(id_a > 0, z_a, jnp.inf)
@@ -61,19 +66,19 @@ def _pair_deltas(c_a, c_b, id_a, id_b, z_a, z_b, v_a, v_b, vi_a, vi_b, pa, pb, h
     den = jnp.where(cand, ef - eo, 1.0)
     t = jnp.where(cand, ef / den, jnp.inf)
     k = jnp.argmin(t, axis=-1)
-    t = jnp.take_along_axis(t, k[..., None], axis=-1)[..., 0]
+    t = _pick(t, k)
     # silhouette unless the other pixel's triangle shares both edge vertices
-    e1 = jnp.take_along_axis(vi, ((k + 1) % 3)[..., None], axis=-1)
-    e2 = jnp.take_along_axis(vi, ((k + 2) % 3)[..., None], axis=-1)
+    k1, k2 = (k + 1) % 3, (k + 2) % 3
+    e1, e2 = _pick(vi, k1), _pick(vi, k2)
     # each edge is handled by one pass only: horizontal pairs take edges that are at least as steep as
     # 45 degrees in pixel units, vertical pairs the flatter ones (no double counting of coverage).
-    ea = jnp.take_along_axis(v, ((k + 1) % 3)[..., None, None], axis=-2)[..., 0, :]
-    eb = jnp.take_along_axis(v, ((k + 2) % 3)[..., None, None], axis=-2)[..., 0, :]
-    dx = jnp.abs(eb[..., 0] - ea[..., 0]) * (w / 2)
-    dy = jnp.abs(eb[..., 1] - ea[..., 1]) * (h / 2)
+    ea = [_pick(v[..., c], k1) for c in range(2)]
+    eb = [_pick(v[..., c], k2) for c in range(2)]
+    dx = jnp.abs(eb[0] - ea[0]) * (w / 2)
+    dy = jnp.abs(eb[1] - ea[1]) * (h / 2)
     steep = dy >= dx
     orient_ok = steep if horizontal else ~steep
-    shared = jnp.any(vi_o == e1, axis=-1) & jnp.any(vi_o == e2, axis=-1) & (id_o > 0)
+    shared = jnp.any(vi_o == e1[..., None], axis=-1) & jnp.any(vi_o == e2[..., None], axis=-1) & (id_o > 0)
     ok = (id_a != id_b) & jnp.isfinite(t) & ~shared & orient_ok & (jnp.minimum(za, zb) < jnp.inf)
     t = jnp.where(ok, t, 0.5)
     c_f = jnp.where(a_front[..., None], c_a, c_b)
@@ -131,10 +136,12 @@ def antialias(color: Float[Array, "b h w c"], rast: Float[Array, "b h w 4"],
     if w > 1:
         da, db = _pair_deltas(color[sa], color[sb], ids[sa], ids[sb], z[sa], z[sb], v[sa], v[sb],
                               vi[sa], vi[sb], (px[sa], py[sa]), (px[sb], py[sb]), True, h, w)
-        out = out.at[sa].add(da).at[sb].add(db)
+        zero = ((0, 0), (0, 0))
+        out = out + jnp.pad(da, zero + ((0, 1), (0, 0))) + jnp.pad(db, zero + ((1, 0), (0, 0)))
     sa, sb = (slice(None), slice(0, h - 1)), (slice(None), slice(1, h))
     if h > 1:
         da, db = _pair_deltas(color[sa], color[sb], ids[sa], ids[sb], z[sa], z[sb], v[sa], v[sb],
                               vi[sa], vi[sb], (px[sa], py[sa]), (px[sb], py[sb]), False, h, w)
-        out = out.at[sa].add(da).at[sb].add(db)
+        zero = ((0, 0),)
+        out = out + jnp.pad(da, zero + ((0, 1), (0, 0), (0, 0))) + jnp.pad(db, zero + ((1, 0), (0, 0), (0, 0)))
     return out
