@@ -32,53 +32,54 @@ from tsjax.ops.rasterize import pixel_centers
 __all__ = ["antialias"]
 
 
-def _edge_fns(v, px, py):
-    """Edge functions e_k [..., 3] of triangles v [..., 3, 2] at points (px, py), edge k = (k+1, k+2)."""
-    a = jnp.roll(v, -1, axis=-2)  # vertex k+1
-    b = jnp.roll(v, -2, axis=-2)  # vertex k+2
-    px, py = px[..., None], py[..., None]
-    return (a[..., 0] - px) * (b[..., 1] - py) - (a[..., 1] - py) * (b[..., 0] - px)
-
-
-def _pick(x, k):
-    """``x[..., k]`` for a last axis of size 3 as selects (XLA's CPU gathers are slow; same gradient)."""
-    return jnp.where(k == 0, x[..., 0], jnp.where(k == 1, x[..., 1], x[..., 2]))
+def _pick3(k, x0, x1, x2):
+    """``(x0, x1, x2)[k]`` elementwise as selects (XLA's CPU gathers are slow; same gradient)."""
+    return jnp.where(k == 0, x0, jnp.where(k == 1, x1, x2))
 
 
 def _pair_deltas(c_a, c_b, id_a, id_b, z_a, z_b, v_a, v_b, vi_a, vi_b, pa, pb, horizontal, h, w):
-    """Colour deltas (d_a, d_b) for pixel pairs a-b (all arrays aligned on the pair grid)."""
+    """Colour deltas (d_a, d_b) for pixel pairs a-b (all arrays aligned on the pair grid).
+
+    Triangles come as structure-of-arrays: ``v_a = (x0, x1, x2, y0, y1, y2)`` NDC corner
+    coordinates and ``vi_a = (i0, i1, i2)`` vertex ids, each [B, h', w'], so every quantity below
+    is a plain elementwise expression (one fused loop forward and backward).
+    """
     za = jnp.where(id_a > 0, z_a, jnp.inf)
     zb = jnp.where(id_b > 0, z_b, jnp.inf)
     a_front = za <= zb
     # front triangle, its pixel, the other pixel
-    v = jnp.where(a_front[..., None, None], v_a, v_b)
-    vi = jnp.where(a_front[..., None], vi_a, vi_b)
-    vi_o = jnp.where(a_front[..., None], vi_b, vi_a)
+    x0, x1, x2, y0, y1, y2 = (jnp.where(a_front, p, q) for p, q in zip(v_a, v_b))
+    vi = [jnp.where(a_front, p, q) for p, q in zip(vi_a, vi_b)]
+    vi_o = [jnp.where(a_front, q, p) for p, q in zip(vi_a, vi_b)]
     id_o = jnp.where(a_front, id_b, id_a)
-    pf = [jnp.where(a_front, pa[k], pb[k]) for k in range(2)]
-    po = [jnp.where(a_front, pb[k], pa[k]) for k in range(2)]
-    area = (v[..., 1, 0] - v[..., 0, 0]) * (v[..., 2, 1] - v[..., 0, 1]) - \
-           (v[..., 1, 1] - v[..., 0, 1]) * (v[..., 2, 0] - v[..., 0, 0])
-    sgn = jnp.where(area >= 0, 1.0, -1.0)[..., None]
-    ef = _edge_fns(v, *pf) * sgn  # >= 0 inside
-    eo = _edge_fns(v, *po) * sgn
-    cand = (eo < 0) & (ef >= 0)
-    den = jnp.where(cand, ef - eo, 1.0)
-    t = jnp.where(cand, ef / den, jnp.inf)
-    k = jnp.argmin(t, axis=-1)
-    t = _pick(t, k)
+    pfx, pfy = (jnp.where(a_front, pa[k], pb[k]) for k in range(2))
+    pox, poy = (jnp.where(a_front, pb[k], pa[k]) for k in range(2))
+    area = (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0)
+    sgn = jnp.where(area >= 0, 1.0, -1.0)
+    xs, ys = (x0, x1, x2), (y0, y1, y2)
+    ts = []
+    for k in range(3):  # edge k = (vertex k+1, vertex k+2); edge functions >= 0 inside
+        ax, ay, bx, by = xs[(k + 1) % 3], ys[(k + 1) % 3], xs[(k + 2) % 3], ys[(k + 2) % 3]
+        ef = ((ax - pfx) * (by - pfy) - (ay - pfy) * (bx - pfx)) * sgn
+        eo = ((ax - pox) * (by - poy) - (ay - poy) * (bx - pox)) * sgn
+        cand = (eo < 0) & (ef >= 0)
+        den = jnp.where(cand, ef - eo, 1.0)
+        ts.append(jnp.where(cand, ef / den, jnp.inf))
+    # first edge with the smallest crossing parameter (argmin order)
+    k = jnp.where(ts[0] <= ts[1], jnp.where(ts[0] <= ts[2], 0, 2), jnp.where(ts[1] <= ts[2], 1, 2))
+    t = _pick3(k, *ts)
     # silhouette unless the other pixel's triangle shares both edge vertices
     k1, k2 = (k + 1) % 3, (k + 2) % 3
-    e1, e2 = _pick(vi, k1), _pick(vi, k2)
+    e1, e2 = _pick3(k1, *vi), _pick3(k2, *vi)
     # each edge is handled by one pass only: horizontal pairs take edges that are at least as steep as
     # 45 degrees in pixel units, vertical pairs the flatter ones (no double counting of coverage).
-    ea = [_pick(v[..., c], k1) for c in range(2)]
-    eb = [_pick(v[..., c], k2) for c in range(2)]
-    dx = jnp.abs(eb[0] - ea[0]) * (w / 2)
-    dy = jnp.abs(eb[1] - ea[1]) * (h / 2)
+    dx = jnp.abs(_pick3(k2, *xs) - _pick3(k1, *xs)) * (w / 2)
+    dy = jnp.abs(_pick3(k2, *ys) - _pick3(k1, *ys)) * (h / 2)
     steep = dy >= dx
     orient_ok = steep if horizontal else ~steep
-    shared = jnp.any(vi_o == e1[..., None], axis=-1) & jnp.any(vi_o == e2[..., None], axis=-1) & (id_o > 0)
+    has1 = (vi_o[0] == e1) | (vi_o[1] == e1) | (vi_o[2] == e1)
+    has2 = (vi_o[0] == e2) | (vi_o[1] == e2) | (vi_o[2] == e2)
+    shared = has1 & has2 & (id_o > 0)
     ok = (id_a != id_b) & jnp.isfinite(t) & ~shared & orient_ok & (jnp.minimum(za, zb) < jnp.inf)
     t = jnp.where(ok, t, 0.5)
     c_f = jnp.where(a_front[..., None], c_a, c_b)
@@ -125,23 +126,28 @@ def antialias(color: Float[Array, "b h w c"], rast: Float[Array, "b h w 4"],
     tri = gather_rows(pos_clip, vi.reshape(b, h * w * 3)).reshape(b, h, w, 3, 4)
     vi = vi.reshape(b, h, w, 3)
     wv = jnp.where(covered[..., None] & (tri[..., 3] > 1e-8), tri[..., 3], 1.0)
-    v = tri[..., :2] / wv[..., None]  # NDC xy [B,H,W,3,2]
-    vi = jnp.where(covered[..., None], vi, -1)
+    # NDC corners as structure-of-arrays (x0, x1, x2, y0, y1, y2), each [B, H, W]
+    v = tuple(tri[..., k, c] / wv[..., k] for c in range(2) for k in range(3))
+    vi = tuple(jnp.where(covered, vi[..., k], -1) for k in range(3))
     px, py = pixel_centers(h, w)
     px = jnp.broadcast_to(px, (b, h, w))
     py = jnp.broadcast_to(py, (b, h, w))
     out = color
+
+    def cut(xs, sl):
+        return tuple(x[sl] for x in xs)
+
     # horizontal pairs
     sa, sb = (slice(None), slice(None), slice(0, w - 1)), (slice(None), slice(None), slice(1, w))
     if w > 1:
-        da, db = _pair_deltas(color[sa], color[sb], ids[sa], ids[sb], z[sa], z[sb], v[sa], v[sb],
-                              vi[sa], vi[sb], (px[sa], py[sa]), (px[sb], py[sb]), True, h, w)
+        da, db = _pair_deltas(color[sa], color[sb], ids[sa], ids[sb], z[sa], z[sb], cut(v, sa), cut(v, sb),
+                              cut(vi, sa), cut(vi, sb), (px[sa], py[sa]), (px[sb], py[sb]), True, h, w)
         zero = ((0, 0), (0, 0))
         out = out + jnp.pad(da, zero + ((0, 1), (0, 0))) + jnp.pad(db, zero + ((1, 0), (0, 0)))
     sa, sb = (slice(None), slice(0, h - 1)), (slice(None), slice(1, h))
     if h > 1:
-        da, db = _pair_deltas(color[sa], color[sb], ids[sa], ids[sb], z[sa], z[sb], v[sa], v[sb],
-                              vi[sa], vi[sb], (px[sa], py[sa]), (px[sb], py[sb]), False, h, w)
+        da, db = _pair_deltas(color[sa], color[sb], ids[sa], ids[sb], z[sa], z[sb], cut(v, sa), cut(v, sb),
+                              cut(vi, sa), cut(vi, sb), (px[sa], py[sa]), (px[sb], py[sb]), False, h, w)
         zero = ((0, 0),)
         out = out + jnp.pad(da, zero + ((0, 1), (0, 0), (0, 0))) + jnp.pad(db, zero + ((1, 0), (0, 0), (0, 0)))
     return out
