@@ -26,7 +26,9 @@ rounded up to 1024) -- every jitted call compiles once for any surface that fits
 Every (implementation, grid, workload) runs in its own subprocess. ``base_rss_bytes``: resident memory
 after imports, grid loading and SDF set-up; the high-water mark is then reset (Linux
 ``/proc/self/clear_refs``) and ``peak_rss_bytes`` is the process's peak resident memory (``VmHWM``)
-over the compile and all calls of the workload (so ``peak - base`` is the workload's own memory). ``compile_s``: tsjax ``lower + compile`` time (0 for PyTorch, eager). ``first_s``: first call,
+over the compile and all calls of the workload. ``peak - base`` approximates the workload's own memory
+(it under-counts when the workload reuses memory freed after the base was taken; the absolute peak is
+the reliable figure). ``compile_s``: tsjax ``lower + compile`` time (0 for PyTorch, eager). ``first_s``: first call,
 ``median_s`` / ``min_s``: over ``--repeats`` steady calls. The machine is shared: compare the ratios
 (``torch_over_tsjax`` = PyTorch min time / tsjax min time, > 1 means tsjax is faster), which come from
 the same run.
@@ -34,6 +36,7 @@ the same run.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -179,9 +182,11 @@ def worker_jax(n, workload, repeats, views, res, max_faces):
     from tsjax.geometry.tets import build_tet_grid
     from tsjax.render.camera import make_cameras
 
-    g = build_tet_grid(n)
-    sdf0 = jnp.asarray(wavy_sdf(g.verts))
-    g = jax.device_put(g)
+    host = build_tet_grid(n)
+    sdf0 = jnp.asarray(wavy_sdf(host.verts))
+    g = jax.device_put(host)
+    del host  # keep only the device copy (the base memory then matches the PyTorch worker's tables)
+    gc.collect()
     cams = make_cameras(jnp.full((views,), 20.0), jnp.arange(views) * 360.0 / views + 30.0, 1.5, 40.0)
     base = _start_memory()
 

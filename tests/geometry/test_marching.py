@@ -72,7 +72,7 @@ def test_raw_tets_argument_matches_grid():
     np.testing.assert_allclose(_area_volume(*compact_mesh(a)), _area_volume(*compact_mesh(b)), rtol=1e-6)
 
 
-@pytest.mark.parametrize("n", [1, 7, 33])
+@pytest.mark.parametrize("n", [1, 12])
 def test_structured_kuhn_path_equals_table_path(n):
     """The Kuhn-grid path (bitset rank/select, strided slices) gives bit-identical buffers to the
     generic unique-edge-table path, with ample and with overflowing capacities."""

@@ -17,6 +17,12 @@ Algorithm (everything has a static shape, so one compilation serves any surface)
      ``(0, 0, 0)`` with ``face_mask = False``; the rasterizer never draws zero-area faces. Unused vertex
      slots sit at the origin with ``vert_mask = False``.
 
+Grids built by :func:`tsjax.geometry.tets.build_tet_grid` take a structured path (``_marching_kuhn``)
+with bit-identical output: crossings and per-tet face slots are packed into 32-bit bitsets, the j-th
+vertex / k-th face is found by rank/select on them (prefix sums over words, popcounts inside a word)
+instead of full-length cumsums, and case codes / edge ids come from strided slices of the regular grid
+instead of gathers through the ``tets`` / ``tet_edges`` tables (``bench/dmtet.py``).
+
 Metrics: ``num_faces`` (faces stored), ``num_verts`` (vertices stored) and ``overflow`` (faces that
 the surface has but that did not fit: ``total_faces - num_faces``; 0 when the buffers are large enough).
 """
