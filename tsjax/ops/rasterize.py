@@ -12,13 +12,17 @@ Conventions (docs/conventions.md):
     :func:`_depth`) and evaluated identically here and in the C++/CUDA kernels, so triangle ids agree
     bit for bit, also on ties along shared edges. Depth test: smallest z/w wins; equal depths go to the
     smaller triangle id. Only z/w in [-1, 1] is kept (near/far clipping per pixel). Triangles with any
-    vertex at w <= 1e-8 (behind the camera) or with a screen-space area below 1e-12 are never drawn
+    vertex at w <= 1e-8 (behind the camera) or with a screen-space |2 area| <= 1e-12 (or non-finite)
+    are never drawn
     (no geometric near-plane clipping: keep geometry in front of the near plane).
 
 Gradients: triangle ids are piecewise constant and carry no gradient (``stop_gradient``). The (u, v,
 z/w) channels are recomputed differentiably in JAX from the ids and ``pos_clip``
 (:func:`barycentrics_from_ids`), so gradients reach vertex positions through the interior of
-triangles; silhouette (visibility) gradients come from :func:`tsjax.ops.antialias`.
+triangles; silhouette (visibility) gradients come from :func:`tsjax.ops.antialias`. The backward
+pass of the recomputation is written out analytically (:func:`_persp_bary`) and its per-pixel
+corner cotangents are summed into ``[B, V, 4]`` by a deterministic row scatter-add
+(:mod:`tsjax.ops._rows`, native on the CPU).
 
 Backends:
   * ``"ref"``        pure JAX, chunked over triangles (memory ~ H*W*chunk), exact but O(H*W*F).
