@@ -13,8 +13,7 @@ Conventions (docs/conventions.md):
     bit for bit, also on ties along shared edges. Depth test: smallest z/w wins; equal depths go to the
     smaller triangle id. Only z/w in [-1, 1] is kept (near/far clipping per pixel). Triangles with any
     vertex at w <= 1e-8 (behind the camera) or with a screen-space |2 area| <= 1e-12 (or non-finite)
-    are never drawn
-    (no geometric near-plane clipping: keep geometry in front of the near plane).
+    are never drawn (no geometric near-plane clipping: keep geometry in front of the near plane).
 
 Gradients: triangle ids are piecewise constant and carry no gradient (``stop_gradient``). The (u, v,
 z/w) channels are recomputed differentiably in JAX from the ids and ``pos_clip``
