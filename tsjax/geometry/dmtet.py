@@ -49,6 +49,10 @@ class DMTetConfig:
       material_hidden, material_layers: material MLP width and number of hidden layers.
       progressive_start_level, progressive_update_steps: progressive band of the SDF hash grid
         (:func:`tsjax.geometry.hashgrid.progressive_mask`; update_steps <= 0 = all levels from the start).
+      close_boundary: clamp the SDF to a small positive value on the grid cube's outer vertices in
+        :func:`extract`, so the extracted surface is always closed (a shape that reaches the cube's
+        faces, e.g. a mesh normalised to the unit cube in a grid of scale 1, is capped there instead
+        of cut open). Off by default (the plain DMTet surface).
     """
 
     grid_resolution: int = 97
@@ -64,6 +68,7 @@ class DMTetConfig:
     material_layers: int = 2
     progressive_start_level: int = 4
     progressive_update_steps: int = 500
+    close_boundary: bool = False
 
     def __post_init__(self):
         if self.grid_resolution < 1 or self.grid_scale <= 0 or self.max_faces < 1:
@@ -155,8 +160,12 @@ def extract(params: dict, grid: TetGrid, cfg: DMTetConfig, step=None) -> TriMesh
     """Evaluate the fields at the grid vertices and run static-shape marching tets (jittable).
 
     Returns a :class:`~tsjax.geometry.marching.TriMesh` with ``cfg.max_faces`` / ``cfg.max_verts`` slots.
+    With ``cfg.close_boundary`` the surface is capped at the grid cube's faces (always closed).
     """
     sdf, deform = sdf_and_deform(params, grid.verts, cfg, step)
+    if cfg.close_boundary:
+        on_boundary = jnp.any(jnp.abs(grid.verts) >= 0.5 * grid.scale * (1 - 1e-6), axis=1)
+        sdf = jnp.where(on_boundary, jnp.maximum(sdf, 1e-4 * cfg.cell_size), sdf)
     return marching_tets(grid.verts + deform, sdf, grid, max_faces=cfg.max_faces, max_verts=cfg.max_verts)
 
 
