@@ -147,11 +147,14 @@ _EDGE_LOWER_ID = (_EDGE_LOWER @ np.array([4, 2, 1])).astype(np.int32)  # [6, 6]
 _EDGE_OFF_ID = _EDGE_OFF.astype(np.int32)  # [6, 6]
 
 
-def _pack_bits(flags):
-    """bool [N] -> uint32 words [ceil(N / 32)], bit i of word g = flags[32 g + i]."""
-    pad = (-flags.shape[0]) % 32
-    f = jnp.pad(flags, (0, pad)).reshape(-1, 32).astype(jnp.uint32)
-    return jnp.sum(f << jnp.arange(32, dtype=jnp.uint32), axis=1, dtype=jnp.uint32)
+def _pack_lanes(vals, bits: int):
+    """uint32 lanes [N] (each < 2**bits, 32 % bits == 0) -> uint32 words [ceil(N * bits / 32)]: lane i
+    of word g is ``vals[g * 32 / bits + i]`` at bit offset ``i * bits`` (so bit ``bits * n + b`` of the
+    bitset is bit ``b`` of ``vals[n]``)."""
+    per = 32 // bits
+    pad = (-vals.shape[0]) % per
+    v = jnp.pad(vals, (0, pad)).reshape(-1, per)
+    return jnp.sum(v << (bits * jnp.arange(per, dtype=jnp.uint32)), axis=1, dtype=jnp.uint32)
 
 
 def _low_mask(k):
@@ -167,8 +170,7 @@ class _Bitset(NamedTuple):
     excl: jnp.ndarray
 
     @classmethod
-    def build(cls, flags):
-        words = _pack_bits(flags)
+    def build(cls, words):
         cnt = jax.lax.population_count(words).astype(jnp.int32)
         incl = jnp.cumsum(cnt)
         return cls(words, incl, incl - cnt)
@@ -199,9 +201,9 @@ def _marching_kuhn(verts, sdf, *, n: int, max_faces: int, max_verts: int) -> Tri
     """:func:`_marching` specialised to the Kuhn grid of ``n`` cells per side (same output, bit for bit).
 
     The grid's regular structure replaces the table gathers and the two full-length prefix sums:
-      * edge crossings are computed densely per (grid vertex p, edge offset o), bit ``7 p + o`` of a
-        packed bitset (offsets leaving the grid never cross, so the order of the crossings, hence the
-        vertex numbering, equals that of the stored edge table);
+      * edge crossings are computed densely per (grid vertex p, edge offset o), bit ``8 p + o`` of a
+        packed bitset (one byte per vertex, bit 7 unused; offsets leaving the grid never cross, so the
+        order of the crossings, hence the vertex numbering, equals that of the stored edge table);
       * the per-tet case codes come from the 8 shifted corner-occupancy volumes of the cells (strided
         slices), and every tet owns 2 face slots (bit ``2 t + s`` set when the tet has > s triangles);
       * the j-th surface vertex / k-th face is found by a *select* on the bitset (binary search in the
@@ -211,19 +213,19 @@ def _marching_kuhn(verts, sdf, *, n: int, max_faces: int, max_verts: int) -> Tri
     """
     m = n + 1
     occ3 = (sdf > 0).reshape(m, m, m)
-    cross = []
-    for o in _OFFSETS:
+    ebyte = jnp.zeros((m, m, m), jnp.uint32)
+    for oi, o in enumerate(_OFFSETS):
         ox, oy, oz = (int(c) for c in o)
         c = occ3[: m - ox, : m - oy, : m - oz] != occ3[ox:, oy:, oz:]
-        cross.append(jnp.pad(c, ((0, ox), (0, oy), (0, oz))))
-    ebits = _Bitset.build(jnp.stack(cross, -1).reshape(-1))  # bit 7 p + o
+        ebyte = ebyte | (jnp.pad(c, ((0, ox), (0, oy), (0, oz))).astype(jnp.uint32) << oi)
+    ebits = _Bitset.build(_pack_lanes(ebyte.reshape(-1), 8))  # bit 8 p + o
     total_v = ebits.total
     j = jnp.arange(max_verts, dtype=jnp.int32)
     vmask = j < total_v
     d = jnp.where(vmask, ebits.select(j), 0)
-    strides = jnp.asarray(_OFFSETS @ np.array([m * m, m, 1]), jnp.int32)  # [7]
-    a = d // 7
-    b = jnp.where(vmask, a + strides[d % 7], a)
+    strides = jnp.asarray(np.append(_OFFSETS @ np.array([m * m, m, 1]), 0), jnp.int32)  # [8]
+    a = d >> 3
+    b = jnp.where(vmask, a + strides[d & 7], a)
     sa, sb = sdf[a], sdf[b]
     den = sa - sb
     den = jnp.where(vmask & (den != 0), den, 1.0)
@@ -236,8 +238,8 @@ def _marching_kuhn(verts, sdf, *, n: int, max_faces: int, max_verts: int) -> Tri
     code = jnp.stack([sum(corner[int(_TET_CORNER_ID[tt, k])] << k for k in range(4)) for tt in range(6)], -1)
     code = code.reshape(-1)  # [Nt] uint8
     pc = jax.lax.population_count(code)
-    ntri = jnp.where(pc == 2, 2, jnp.where((pc == 1) | (pc == 3), 1, 0)).astype(jnp.uint8)
-    fbits = _Bitset.build((ntri[:, None] > jnp.arange(2, dtype=jnp.uint8)).reshape(-1))  # bit 2 t + s
+    slots = jnp.where(pc == 2, 3, jnp.where((pc == 1) | (pc == 3), 1, 0)).astype(jnp.uint32)  # 2 bits per tet
+    fbits = _Bitset.build(_pack_lanes(slots, 2))  # bit 2 t + s
     total_f = fbits.total
     k = jnp.arange(max_faces, dtype=jnp.int32)
     q = jnp.where(k < total_f, fbits.select(k), 0)
@@ -248,7 +250,7 @@ def _marching_kuhn(verts, sdf, *, n: int, max_faces: int, max_verts: int) -> Tri
     base = (ci * m + cj) * m + ck  # grid vertex of the cell's (0, 0, 0) corner
     lower = jnp.asarray(_EDGE_LOWER_ID)[tt[:, None], local]  # [F, 3] corner id 4x + 2y + z
     lower_v = ((lower >> 2) & 1) * (m * m) + ((lower >> 1) & 1) * m + (lower & 1)
-    dense = (base[:, None] + lower_v) * 7 + jnp.asarray(_EDGE_OFF_ID)[tt[:, None], local]
+    dense = (base[:, None] + lower_v) * 8 + jnp.asarray(_EDGE_OFF_ID)[tt[:, None], local]
     vidx = ebits.rank(dense)
     fmask = (k < total_f) & jnp.all(vidx < max_verts, axis=1)
     faces = jnp.where(fmask[:, None], vidx, 0).astype(jnp.int32)
