@@ -22,6 +22,8 @@ Method (pure JAX, our own formulation):
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
@@ -37,12 +39,12 @@ def _pick3(k, x0, x1, x2):
     return jnp.where(k == 0, x0, jnp.where(k == 1, x1, x2))
 
 
-def _pair_deltas(c_a, c_b, id_a, id_b, z_a, z_b, v_a, v_b, vi_a, vi_b, pa, pb, horizontal, h, w):
-    """Colour deltas (d_a, d_b) for pixel pairs a-b (all arrays aligned on the pair grid).
+def _pair_core(c_a, c_b, id_a, id_b, z_a, z_b, v_a, v_b, vi_a, vi_b, pa, pb, horizontal, h, w):
+    """Forward of :func:`_pair_deltas` plus the intermediates of its analytic backward.
 
     Triangles come as structure-of-arrays: ``v_a = (x0, x1, x2, y0, y1, y2)`` NDC corner
     coordinates and ``vi_a = (i0, i1, i2)`` vertex ids, each [B, h', w'], so every quantity below
-    is a plain elementwise expression (one fused loop forward and backward).
+    is a plain elementwise expression.
     """
     za = jnp.where(id_a > 0, z_a, jnp.inf)
     zb = jnp.where(id_b > 0, z_b, jnp.inf)
@@ -57,7 +59,7 @@ def _pair_deltas(c_a, c_b, id_a, id_b, z_a, z_b, v_a, v_b, vi_a, vi_b, pa, pb, h
     area = (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0)
     sgn = jnp.where(area >= 0, 1.0, -1.0)
     xs, ys = (x0, x1, x2), (y0, y1, y2)
-    ts = []
+    ts, efs, eos, cands = [], [], [], []
     for k in range(3):  # edge k = (vertex k+1, vertex k+2); edge functions >= 0 inside
         ax, ay, bx, by = xs[(k + 1) % 3], ys[(k + 1) % 3], xs[(k + 2) % 3], ys[(k + 2) % 3]
         ef = ((ax - pfx) * (by - pfy) - (ay - pfy) * (bx - pfx)) * sgn
@@ -65,6 +67,9 @@ def _pair_deltas(c_a, c_b, id_a, id_b, z_a, z_b, v_a, v_b, vi_a, vi_b, pa, pb, h
         cand = (eo < 0) & (ef >= 0)
         den = jnp.where(cand, ef - eo, 1.0)
         ts.append(jnp.where(cand, ef / den, jnp.inf))
+        efs.append(ef)
+        eos.append(eo)
+        cands.append(cand)
     # first edge with the smallest crossing parameter (argmin order)
     k = jnp.where(ts[0] <= ts[1], jnp.where(ts[0] <= ts[2], 0, 2), jnp.where(ts[1] <= ts[2], 1, 2))
     t = _pick3(k, *ts)
@@ -90,7 +95,70 @@ def _pair_deltas(c_a, c_b, id_a, id_b, z_a, z_b, v_a, v_b, vi_a, vi_b, pa, pb, h
     d_f = under * (c_o - c_f)
     d_a = jnp.where(a_front[..., None], d_f, d_o)
     d_b = jnp.where(a_front[..., None], d_o, d_f)
-    return d_a, d_b
+    inter = dict(a_front=a_front, k=k, t=t, ok=ok, sgn=sgn, xs=xs, ys=ys, pf=(pfx, pfy), po=(pox, poy),
+                 ef=_pick3(k, *efs), eo=_pick3(k, *eos), c_f=c_f, c_o=c_o)
+    return (d_a, d_b), inter
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(12, 13, 14))
+def _pair_deltas(c_a, c_b, id_a, id_b, z_a, z_b, v_a, v_b, vi_a, vi_b, pa, pb, horizontal, h, w):
+    """Colour deltas (d_a, d_b) for pixel pairs a-b (all arrays aligned on the pair grid); see
+    :func:`_pair_core`. Differentiable w.r.t. the colours and the NDC corners ``v_a``, ``v_b``
+    through an analytic backward (recomputes the forward, one elementwise pass)."""
+    return _pair_core(c_a, c_b, id_a, id_b, z_a, z_b, v_a, v_b, vi_a, vi_b, pa, pb, horizontal, h, w)[0]
+
+
+def _pair_fwd(c_a, c_b, id_a, id_b, z_a, z_b, v_a, v_b, vi_a, vi_b, pa, pb, horizontal, h, w):
+    out = _pair_core(c_a, c_b, id_a, id_b, z_a, z_b, v_a, v_b, vi_a, vi_b, pa, pb, horizontal, h, w)[0]
+    return out, (c_a, c_b, id_a, id_b, z_a, z_b, v_a, v_b, vi_a, vi_b, pa, pb)
+
+
+def _pair_bwd(horizontal, h, w, res, g):
+    c_a, c_b, id_a, id_b, z_a, z_b, v_a, v_b, vi_a, vi_b, pa, pb = res
+    _, it = _pair_core(c_a, c_b, id_a, id_b, z_a, z_b, v_a, v_b, vi_a, vi_b, pa, pb, horizontal, h, w)
+    g_a, g_b = g
+    af = it["a_front"]
+    af1 = af[..., None]
+    g_f = jnp.where(af1, g_a, g_b)  # cotangents of d_f and d_o
+    g_o = jnp.where(af1, g_b, g_a)
+    t, c_f, c_o = it["t"], it["c_f"], it["c_o"]
+    over = jnp.maximum(t - 0.5, 0.0)[..., None]
+    under = jnp.maximum(0.5 - t, 0.0)[..., None]
+    g_cf = over * g_o - under * g_f
+    g_co = under * g_f - over * g_o
+    g_over = jnp.sum(g_o * (c_f - c_o), axis=-1)
+    g_under = jnp.sum(g_f * (c_o - c_f), axis=-1)
+    # d max(x, 0)/dx = 1 for x > 0, 1/2 at 0 (JAX's convention for ties), 0 below
+    s_over = jnp.where(t > 0.5, 1.0, jnp.where(t == 0.5, 0.5, 0.0))
+    s_under = jnp.where(t < 0.5, 1.0, jnp.where(t == 0.5, 0.5, 0.0))
+    g_t = jnp.where(it["ok"], g_over * s_over - g_under * s_under, 0.0)
+    # t = ef / (ef - eo) on the chosen edge k: dt/def = -eo / den^2, dt/deo = ef / den^2
+    ef, eo = it["ef"], it["eo"]
+    den = jnp.where(it["ok"], ef - eo, 1.0)
+    g_ef = g_t * (-eo) / (den * den) * it["sgn"]
+    g_eo = g_t * ef / (den * den) * it["sgn"]
+    k = it["k"]
+    k1, k2 = (k + 1) % 3, (k + 2) % 3
+    xs, ys = it["xs"], it["ys"]
+    ax, ay, bx, by = _pick3(k1, *xs), _pick3(k1, *ys), _pick3(k2, *xs), _pick3(k2, *ys)
+    (pfx, pfy), (pox, poy) = it["pf"], it["po"]
+    # E(p) = (ax - px)(by - py) - (ay - py)(bx - px)
+    g_ax = g_ef * (by - pfy) + g_eo * (by - poy)
+    g_ay = -(g_ef * (bx - pfx) + g_eo * (bx - pox))
+    g_bx = -(g_ef * (ay - pfy) + g_eo * (ay - poy))
+    g_by = g_ef * (ax - pfx) + g_eo * (ax - pox)
+    gx = [jnp.where(k1 == j, g_ax, 0.0) + jnp.where(k2 == j, g_bx, 0.0) for j in range(3)]
+    gy = [jnp.where(k1 == j, g_ay, 0.0) + jnp.where(k2 == j, g_by, 0.0) for j in range(3)]
+    g_front = gx + gy  # (x0, x1, x2, y0, y1, y2)
+    g_va = tuple(jnp.where(af, q, 0.0) for q in g_front)
+    g_vb = tuple(jnp.where(af, 0.0, q) for q in g_front)
+    g_ca = jnp.where(af1, g_cf, g_co)
+    g_cb = jnp.where(af1, g_co, g_cf)
+    none = (None,) * 4
+    return (g_ca, g_cb) + none + (g_va, g_vb) + (None, None, None, None)
+
+
+_pair_deltas.defvjp(_pair_fwd, _pair_bwd)
 
 
 def antialias(color: Float[Array, "b h w c"], rast: Float[Array, "b h w 4"],
