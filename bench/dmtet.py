@@ -130,8 +130,11 @@ def _area_torch(v, f):
     return 0.5 * torch.sqrt((cr * cr).sum(1) + 1e-20).sum()
 
 
-def worker_torch(n, workload, repeats):
+def worker_torch(n, workload, repeats, threads=0):
     import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
 
     from tsjax.geometry.marching import NUM_TRIS, TRI_TABLE
     from tsjax.geometry.tets import build_tet_grid
@@ -264,6 +267,8 @@ def main():
     ap.add_argument("--views", type=int, default=2)
     ap.add_argument("--res", type=int, default=256)
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--torch-threads", type=int, default=0,
+                    help="torch.set_num_threads for the PyTorch worker (0 = PyTorch's default)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--grid", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workload", default=None, help=argparse.SUPPRESS)
@@ -271,7 +276,7 @@ def main():
     a = ap.parse_args()
     if a.worker is not None:
         if a.worker == "torch":
-            res = worker_torch(a.grid, a.workload, a.repeats)
+            res = worker_torch(a.grid, a.workload, a.repeats, a.torch_threads)
         elif a.worker == "jax":
             res = worker_jax(a.grid, a.workload, a.repeats, a.views, a.res, a.max_faces)
         else:
@@ -291,11 +296,11 @@ def main():
         print(f"error: bad --workloads {bad} / --grids {a.grids!r} / --repeats {a.repeats}", file=sys.stderr)
         sys.exit(2)
     emit(kind="machine", cpu_count=os.cpu_count(), platform=platform.platform(), python=platform.python_version(),
-         repeats=a.repeats, views=a.views, res=a.res)
+         repeats=a.repeats, views=a.views, res=a.res, torch_threads=a.torch_threads)
 
     def child(*extra):
         cmd = [sys.executable, os.path.abspath(__file__), "--repeats", str(a.repeats), "--views", str(a.views),
-               "--res", str(a.res), *map(str, extra)]
+               "--res", str(a.res), "--torch-threads", str(a.torch_threads), *map(str, extra)]
         p = subprocess.run(cmd, capture_output=True, text=True)
         for line in p.stdout.splitlines():
             if line.startswith("RESULT "):
