@@ -8,7 +8,8 @@ cameras. Times are seconds; ``compile_s`` is the first call (trace + compile + r
 ``min_s`` the median / minimum of ``repeats`` steady-state calls. Ray casting uses the same pixel
 centres (one ray per pixel). On a shared machine compare the ratios, which are measured interleaved
 (FFI and embree alternate call by call, as do render forward and forward+backward) and taken from
-the minimum times (``*_min``) and from the medians.
+the minimum times (``*_min``) and from the medians. ``render`` = rasterize + interpolate vertex
+colours + mean-squared loss; ``render_aa`` adds ``tsjax.ops.antialias`` before the loss.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import trimesh
 
-from tsjax.ops import _ffi, interpolate, rasterize
+from tsjax.ops import _ffi, antialias, interpolate, rasterize
 from tsjax.ops.rasterize import _raster_ids_ref, _ref_chunk
 from tsjax.render import camera as C
 
@@ -133,22 +134,28 @@ def main():
             col, _ = interpolate(colors, rast, tris)
             return jnp.mean((col - 0.5) ** 2)
 
-        fwd = jax.jit(loss)
-        fb = jax.jit(jax.value_and_grad(loss))
-        c1, _ = timed(lambda: fwd(verts), 0)
-        c2, _ = timed(lambda: fb(verts), 0)
-        t_f, t_fb = [], []
-        for _ in range(a.repeats):  # interleaved
-            t0 = time.perf_counter()
-            jax.block_until_ready(fwd(verts))
-            t_f.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            jax.block_until_ready(fb(verts))
-            t_fb.append(time.perf_counter() - t0)
-        emit(kind="render_fwd", **common, compile_s=c1, median_s=statistics.median(t_f), min_s=min(t_f))
-        emit(kind="render_fwd_bwd", **common, compile_s=c2, median_s=statistics.median(t_fb), min_s=min(t_fb),
-             ratio_to_fwd=statistics.median(t_fb) / statistics.median(t_f), ratio_to_fwd_min=min(t_fb) / min(t_f))
+        def loss_aa(vv):  # the same render with silhouette antialiasing (tsjax.ops.antialias)
+            pcv = C.world_to_clip(vv, cams)
+            rast = rasterize(pcv, tris, res, backend="ffi")
+            col, _ = interpolate(colors, rast, tris)
+            return jnp.mean((antialias(col, rast, pcv, tris) - 0.5) ** 2)
 
+        for tag, fn in (("render", loss), ("render_aa", loss_aa)):
+            fwd = jax.jit(fn)
+            fb = jax.jit(jax.value_and_grad(fn))
+            c1, _ = timed(lambda: fwd(verts), 0)
+            c2, _ = timed(lambda: fb(verts), 0)
+            t_f, t_fb = [], []
+            for _ in range(a.repeats):  # interleaved
+                t0 = time.perf_counter()
+                jax.block_until_ready(fwd(verts))
+                t_f.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                jax.block_until_ready(fb(verts))
+                t_fb.append(time.perf_counter() - t0)
+            emit(kind=f"{tag}_fwd", **common, compile_s=c1, median_s=statistics.median(t_f), min_s=min(t_f))
+            emit(kind=f"{tag}_fwd_bwd", **common, compile_s=c2, median_s=statistics.median(t_fb), min_s=min(t_fb),
+                 ratio_to_fwd=statistics.median(t_fb) / statistics.median(t_f), ratio_to_fwd_min=min(t_fb) / min(t_f))
 
 if __name__ == "__main__":
     main()
