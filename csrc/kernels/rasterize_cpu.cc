@@ -197,8 +197,6 @@ void RasterBand(const RasterParams& p, int64_t b, int row0, int row1, Workspace*
     const float area = (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0);
     if (!(std::fabs(area) > kAreaEps) || !std::isfinite(area)) continue;
     const float inv = 1.0f / area;
-    const float sgn = area > 0.0f ? 1.0f : -1.0f;
-    const float tiny = std::fabs(area) * 1e-30f;
     const int32_t id1 = static_cast<int32_t>(f) + 1;
     for (int i = i0; i <= i1; ++i) {
       const float py = pys[i];
@@ -207,16 +205,12 @@ void RasterBand(const RasterParams& p, int64_t b, int row0, int row1, Workspace*
       float* brow = bary + int64_t(i) * w * 3;
       for (int j = j0; j <= j1; ++j) {
         const float px = pxs[j];
-        const float e0 = (x1 - px) * (y2 - py) - (y1 - py) * (x2 - px);
-        // fast reject: e0 * inv < 0 exactly when the signs of e0 and area differ, unless the
-        // product underflows to (-)0, which needs |e0| < |area| * 2^-126 (those take the full test).
-        if (e0 * sgn < 0.0f && std::fabs(e0) > tiny) continue;
-        const float e1 = (x2 - px) * (y0 - py) - (y2 - py) * (x0 - px);
-        if (e1 * sgn < 0.0f && std::fabs(e1) > tiny) continue;
-        const float b0 = e0 * inv;
-        const float b1 = e1 * inv;
+        const float b0 = ((x1 - px) * (y2 - py) - (y1 - py) * (x2 - px)) * inv;
+        if (!(b0 >= 0.0f)) continue;
+        const float b1 = ((x2 - px) * (y0 - py) - (y2 - py) * (x0 - px)) * inv;
+        if (!(b1 >= 0.0f)) continue;
         const float b2 = 1.0f - b0 - b1;
-        if (!(b0 >= 0.0f && b1 >= 0.0f && b2 >= 0.0f)) continue;
+        if (!(b2 >= 0.0f)) continue;
         const float z = b0 * z0 + b1 * z1 + b2 * z2;
         if (!(z >= -1.0f && z <= 1.0f)) continue;
         if (z < zrow[j]) {
