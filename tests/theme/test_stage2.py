@@ -87,10 +87,12 @@ def test_step_compiles_once_and_updates():
     delta0 = float(state.params["lora"]["delta"])
     key = jax.random.key(0)
     ms = []
+    first = state
     for _ in range(3):
         state, m = step(state, inputs, key)
         ms.append(jax.tree_util.tree_map(float, m))
     assert step._cache_size() == 1
+    assert spec.perf.donate and first.step.is_deleted(), "the default step donates its state"
     assert int(state.step) == 3
     for m in ms:
         assert m["finite"] == 1.0

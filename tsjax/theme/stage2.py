@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tsjax.config import CameraConfig, OptimConfig, RegularizerConfig
+from tsjax.config import CameraConfig, OptimConfig, PerfConfig, RegularizerConfig
 from tsjax.geometry.dmtet import DMTetConfig, albedo, sdf_and_deform
 from tsjax.geometry.marching import marching_tets
 from tsjax.geometry.regularizers import normal_consistency, opacity_entropy, sdf_sign_change, total_variation
@@ -52,7 +52,9 @@ from tsjax.render.camera import Cameras, camera_condition, sample_orbit_cameras
 from tsjax.theme.prompts import direction_ids
 
 __all__ = ["Stage2Spec", "Stage2Inputs", "Stage2State", "make_optimizer", "init_background", "background_color",
-           "init_state", "make_step", "patch_features", "LOSS_TERMS"]
+           "init_state", "make_step", "make_step_fn", "make_grad_fn", "make_sharded_step",
+           "split_inputs", "PER_ASSET_FIELDS", "patch_features", "LOSS_TERMS", "resolve_dtype", "compute_module",
+           "with_compute", "cast_floating", "prepare_inputs"]
 
 #: Names of the loss terms reported in the metrics (and checked for NaN/inf by the driver).
 LOSS_TERMS = ("loss_concept", "loss_ref_color", "loss_ref_normal", "loss_lora", "loss_contextual", "loss_tv",
@@ -70,7 +72,9 @@ class Stage2Spec:
     lora_apply: ``({"base": ..., "train": ...}, x_t, t, ctx, camera) -> out`` the LoRA denoiser;
     scheduler: the shared noise schedule; features: ``(feature_params, images [B,H,W,3] in [0,1]) ->
     [B,h,w,C]`` for the contextual loss; shading: "lambert" (head-light, as the exemplar renders the
-    priors learnt from) or "unlit" colour renders; backend: rasterizer backend.
+    priors learnt from) or "unlit" colour renders; backend: rasterizer backend; perf: implementation
+    switches (:class:`tsjax.config.PerfConfig`; :data:`tsjax.config.PLAIN_PERF` is the unoptimised
+    reference variant).
     """
 
     dmtet: DMTetConfig
@@ -88,6 +92,7 @@ class Stage2Spec:
     features: Callable[..., Any] | None = None
     shading: str = "lambert"
     backend: str = "auto"
+    perf: PerfConfig = PerfConfig()
 
 
 @flax.struct.dataclass
@@ -201,74 +206,263 @@ def patch_features(_params: Any, images: jax.Array, *, patch: int = 5, stride: i
 # ---------------------------------------------------------------------------------------------
 
 
-def make_step(spec: Stage2Spec, optimizer: optax.GradientTransformation
-              ) -> Callable[[Stage2State, Stage2Inputs, jax.Array], tuple[Stage2State, dict]]:
-    """Build the jitted stage-2 step (``state`` donated). See the module docstring."""
+def resolve_dtype(perf: PerfConfig):
+    """The compute dtype ``perf`` asks for (``"auto"``: bfloat16 on GPU/TPU, float32 on CPU)."""
+    name = perf.compute_dtype
+    if name == "auto":
+        name = "bfloat16" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "float32"
+    return jnp.dtype(name)
+
+
+def compute_module(module: Any, perf: PerfConfig) -> Any:
+    """``module`` (a flax module with ``dtype`` / ``attention_impl`` attributes, e.g. the UNet or the
+    VAE) cloned with the compute dtype and attention implementation of ``perf``; attributes the module
+    does not have are left alone. Parameters are unaffected (float32 in, cast at use)."""
+    names = {f.name for f in dataclasses.fields(module)}
+    upd = {}
+    if "dtype" in names:
+        upd["dtype"] = resolve_dtype(perf)
+    if "attention_impl" in names:
+        upd["attention_impl"] = perf.attention_impl
+    return module.clone(**upd) if upd else module
+
+
+def with_compute(model: Any, perf: PerfConfig) -> Any:
+    """A copy of a :class:`tsjax.diffusion.sampling.DiffusionModel` whose ``unet``/``vae`` modules compute
+    in ``perf``'s dtype with ``perf``'s attention implementation (``unet_apply``/``vae_encode`` of the copy
+    use them). Same parameters, same configs."""
+    fast = dataclasses.replace(model)
+    for name in ("unet", "vae"):
+        # DiffusionModel builds its modules lazily (functools.cached_property stores them in __dict__)
+        fast.__dict__[name] = compute_module(getattr(model, name), perf)
+    return fast
+
+
+def cast_floating(tree: Any, dtype) -> Any:
+    """Every floating-point leaf of ``tree`` cast to ``dtype`` (integer leaves unchanged)."""
+    return jax.tree_util.tree_map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x, tree)
+
+
+def prepare_inputs(inputs: Stage2Inputs, perf: PerfConfig) -> Stage2Inputs:
+    """Store the frozen network weights (VAE, concept/reference priors, LoRA base) in ``perf``'s compute
+    dtype (halves their memory and bandwidth in bf16). Trainable parameters live in the state and stay
+    float32 masters; prompt tables, the tet grid and contextual targets stay float32."""
+    dt = resolve_dtype(perf)
+    if dt == jnp.float32:
+        return inputs
+
+    def prior(pp):
+        return None if pp is None else pp.replace(denoiser=pp.denoiser.replace(
+            params=cast_floating(pp.denoiser.params, dt)))
+
+    return inputs.replace(vae=cast_floating(inputs.vae, dt), concept=prior(inputs.concept),
+                          reference=prior(inputs.reference), lora_base=cast_floating(inputs.lora_base, dt))
+
+
+def _remat(fn: Callable, policy: str) -> Callable:
+    if policy == "none":
+        return fn
+    if policy == "dots":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    if policy == "full":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
+    raise ValueError(f"perf.remat {policy!r} is not one of none, dots, full")
+
+
+def _build(spec: Stage2Spec):
+    """The loss function ``loss_fn(train, step, inputs, key, part)`` and ``update(optimizer, state, grads,
+    metrics)`` shared by :func:`make_step` and :func:`make_grad_fn`."""
     B, K, R = spec.batch_size, spec.context_views, spec.resolution
     cam = spec.camera
     reg = spec.reg
     dm = spec.dmtet
+    perf = spec.perf
+    dsd_settings = spec.dsd.replace(fuse_passes=perf.fuse_unet_passes)
+    vae_encode = _remat(spec.vae_encode, perf.remat)
+    lora_apply = _remat(spec.lora_apply, perf.remat)
 
-    def loss_fn(train: dict, step: jax.Array, inputs: Stage2Inputs, key: jax.Array):
+    def extract_surface(geo, grid, step):
+        sdf, deform = sdf_and_deform(geo, grid.verts, dm, step)
+        return sdf, marching_tets(grid.verts + deform, sdf, grid, max_faces=dm.max_faces, max_verts=dm.max_verts)
+
+    def render(geo, mesh, cams):
+        return render_trimesh(mesh, lambda p: albedo(geo, p, dm), cams, R, background=(1.0, 1.0, 1.0),
+                              shading=spec.shading, backend=spec.backend)
+
+    def loss_fn(train: dict, step: jax.Array, inputs: Stage2Inputs, key: jax.Array, part: str = "all"):
+        """part: "all" (the whole loss), "main" (all but the contextual term), "ctx" (contextual only)."""
         k_cam, k_bg, k_col, k_ctx, k_dsd = jax.random.split(key, 5)
         cams, cp = sample_orbit_cameras(k_cam, B, elevation=cam.elevation, azimuth=cam.azimuth,
                                         distance=cam.distance, fovy=cam.fovy)
         direction = direction_ids(cp["elevation"], cp["azimuth"])
-        all_cams = cams
-        idx = None
+        ctx_cams = idx = None
         if K > 0:
             n_ctx = inputs.context_c2w.shape[0]
             idx = jax.random.choice(k_ctx, n_ctx, (K,), replace=False)
-            all_cams = Cameras(jnp.concatenate([cams.c2w, inputs.context_c2w[idx]], 0),
-                               jnp.concatenate([cams.proj, inputs.context_proj[idx]], 0))
+            ctx_cams = Cameras(inputs.context_c2w[idx], inputs.context_proj[idx])
         geo = train["geo"]
         grid = inputs.grid
-        sdf, deform = sdf_and_deform(geo, grid.verts, dm, step)
-        mesh = marching_tets(grid.verts + deform, sdf, grid, max_faces=dm.max_faces, max_verts=dm.max_verts)
-        out = render_trimesh(mesh, lambda p: albedo(geo, p, dm), all_cams, R, background=(1.0, 1.0, 1.0),
-                             shading=spec.shading, backend=spec.backend)
-        color_w, normal_w, mask = out["color"][:B], out["normal"][:B], out["mask"][:B]
-        env = background_color(train["bg"], cams, R)
-        solid = jax.random.uniform(k_col, (B, 1, 1, 3))
-        use_solid = jax.random.bernoulli(k_bg, cam.random_background_prob, (B, 1, 1, 1))
-        bg = jnp.where(use_solid, solid, env)
-        color = color_w + (1.0 - mask) * (bg - 1.0)  # exact re-compositing of the white-background render
-
-        z_c = encode_latents(spec.vae_encode, inputs.vae, color, spec.scaling_factor)
-        need_normal = spec.dsd.normal_distillation and inputs.reference is not None and spec.dsd.reference_t
-        z_n = encode_latents(spec.vae_encode, inputs.vae, normal_w, spec.scaling_factor) if need_normal else None
-        lora = PriorPrompts(Denoiser(spec.lora_apply, {"base": inputs.lora_base, "train": train["lora"]}),
-                            inputs.lora_color, inputs.lora_normal)
-        total, m = dsd_loss(k_dsd, color_latents=z_c, normal_latents=z_n, camera=camera_condition(cams),
-                            direction=direction, concept=inputs.concept, reference=inputs.reference, lora=lora,
-                            scheduler=spec.scheduler, settings=spec.dsd)
         zero = jnp.zeros((), jnp.float32)
+        m: dict = {}
+        total = zero
+        ctx_out = None
+        if part in ("all", "main"):
+            sdf, mesh = extract_surface(geo, grid, step)
+            if part == "all" and K > 0 and perf.single_extraction:
+                # one extraction, one render call for the B distilled + K contextual views
+                both = Cameras(jnp.concatenate([cams.c2w, ctx_cams.c2w], 0),
+                               jnp.concatenate([cams.proj, ctx_cams.proj], 0))
+                out_all = render(geo, mesh, both)
+                out = {k: v[:B] for k, v in out_all.items()}
+                ctx_out = {k: v[B:] for k, v in out_all.items()}
+            else:
+                out = render(geo, mesh, cams)
+            color_w, normal_w, mask = out["color"], out["normal"], out["mask"]
+            env = background_color(train["bg"], cams, R)
+            solid = jax.random.uniform(k_col, (B, 1, 1, 3))
+            use_solid = jax.random.bernoulli(k_bg, cam.random_background_prob, (B, 1, 1, 1))
+            bg = jnp.where(use_solid, solid, env)
+            color = color_w + (1.0 - mask) * (bg - 1.0)  # exact re-compositing of the white-background render
+
+            z_c = encode_latents(vae_encode, inputs.vae, color, spec.scaling_factor)
+            need_normal = spec.dsd.normal_distillation and inputs.reference is not None and spec.dsd.reference_t
+            z_n = encode_latents(vae_encode, inputs.vae, normal_w, spec.scaling_factor) if need_normal else None
+            lora = PriorPrompts(Denoiser(lora_apply, {"base": inputs.lora_base, "train": train["lora"]}),
+                                inputs.lora_color, inputs.lora_normal)
+            total, m = dsd_loss(k_dsd, color_latents=z_c, normal_latents=z_n, camera=camera_condition(cams),
+                                direction=direction, concept=inputs.concept, reference=inputs.reference, lora=lora,
+                                scheduler=spec.scheduler, settings=dsd_settings)
+            l_tv = total_variation(out["albedo"])
+            l_sdf = sdf_sign_change(sdf, grid.edges)
+            l_op = opacity_entropy(mask)
+            l_nc = normal_consistency(mesh)
+            w_op = reg.opacity * jnp.minimum(step.astype(jnp.float32) / max(reg.opacity_ramp_steps, 1), 1.0)
+            total = total + reg.tv * l_tv + reg.sdf_sparsity * l_sdf + w_op * l_op + reg.normal_consistency * l_nc
+            m.update(loss_tv=l_tv, loss_sdf=l_sdf, loss_opacity=l_op, loss_normal_consistency=l_nc,
+                     num_faces=mesh.num_faces.astype(jnp.float32), overflow=mesh.overflow.astype(jnp.float32),
+                     mask_mean=jnp.mean(mask))
         l_cx = zero
-        if K > 0:
-            f = spec.features(inputs.feature_params, out["color"][B:])
+        if K > 0 and part in ("all", "ctx"):
+            if ctx_out is None:  # a second extraction (plain variant, or the separate contextual jit)
+                _, mesh2 = extract_surface(geo, grid, step)
+                ctx_out = render(geo, mesh2, ctx_cams)
+            f = spec.features(inputs.feature_params, ctx_out["color"])
             l_cx = jnp.mean(contextual_loss(f, inputs.context_feats[idx]))
-        l_tv = total_variation(out["albedo"][:B])
-        l_sdf = sdf_sign_change(sdf, grid.edges)
-        l_op = opacity_entropy(mask)
-        l_nc = normal_consistency(mesh)
-        w_op = reg.opacity * jnp.minimum(step.astype(jnp.float32) / max(reg.opacity_ramp_steps, 1), 1.0)
-        total = (total + spec.contextual_weight * l_cx + reg.tv * l_tv + reg.sdf_sparsity * l_sdf + w_op * l_op
-                 + reg.normal_consistency * l_nc)
-        m.update(loss_contextual=l_cx, loss_tv=l_tv, loss_sdf=l_sdf, loss_opacity=l_op,
-                 loss_normal_consistency=l_nc, loss=total, num_faces=mesh.num_faces.astype(jnp.float32),
-                 overflow=mesh.overflow.astype(jnp.float32), mask_mean=jnp.mean(mask))
+            total = total + spec.contextual_weight * l_cx
+        m["loss_contextual"] = l_cx
+        m["loss"] = total
         return total, m
 
-    def step_fn(state: Stage2State, inputs: Stage2Inputs, key: jax.Array):
-        k = jax.random.fold_in(key, state.step)
-        (_, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.step, inputs, k)
+    def update(optimizer, state: Stage2State, grads: dict, m: dict):
         gnorm = optax.tree.norm(grads)
         finite = jnp.isfinite(m["loss"]) & jnp.isfinite(gnorm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new = Stage2State(params=params, opt_state=opt_state, step=state.step + 1)
         new = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, state)
-        m.update(grad_norm=gnorm, finite=finite.astype(jnp.float32))
+        m = dict(m, grad_norm=gnorm, finite=finite.astype(jnp.float32))
         return new, m
 
-    return jax.jit(step_fn, donate_argnums=(0,))
+    return loss_fn, update
+
+
+def make_grad_fn(spec: Stage2Spec) -> Callable[[dict, jax.Array, Stage2Inputs, jax.Array], tuple[dict, dict]]:
+    """``grads_fn(params, step, inputs, key) -> (grads, metrics)``: the gradient the step applies (same
+    key derivation, same ``spec.perf`` implementation: one jit, or main + contextual jits summed). For
+    parity tests and benchmarks of the loss/gradient part alone."""
+    loss_fn, _ = _build(spec)
+
+    def grads_of(part):
+        def g(params, step, inputs, key):
+            k = jax.random.fold_in(key, step)
+            (_, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, step, inputs, k, part)
+            return grads, m
+        return jax.jit(g)
+
+    if spec.perf.fuse_contextual or spec.context_views == 0:
+        return grads_of("all")
+    gm, gc = grads_of("main"), grads_of("ctx")
+
+    def split(params, step, inputs, key):
+        g1, m1 = gm(params, step, inputs, key)
+        g2, m2 = gc(params, step, inputs, key)
+        return (jax.tree_util.tree_map(jnp.add, g1, g2),
+                dict(m1, loss_contextual=m2["loss_contextual"], loss=m1["loss"] + m2["loss"]))
+
+    return split
+
+
+def make_step_fn(spec: Stage2Spec, optimizer: optax.GradientTransformation
+                 ) -> Callable[[Stage2State, Stage2Inputs, jax.Array], tuple[Stage2State, dict]]:
+    """The pure (un-jitted) fused step ``(state, inputs, key) -> (state, metrics)``; :func:`make_step` jits it,
+    :func:`make_sharded_step` vmaps it over assets."""
+    loss_fn, update = _build(spec)
+
+    def step_fn(state: Stage2State, inputs: Stage2Inputs, key: jax.Array):
+        k = jax.random.fold_in(key, state.step)
+        (_, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.step, inputs, k)
+        return update(optimizer, state, grads, m)
+
+    return step_fn
+
+
+#: Stage2Inputs fields that differ between assets (each asset has its own fine-tuned concept prior and
+#: its own img2img-augmented contextual views); all other fields are shared and replicated.
+PER_ASSET_FIELDS = ("concept", "context_feats", "context_c2w", "context_proj")
+
+
+def split_inputs(inputs: Stage2Inputs) -> tuple[dict, Stage2Inputs]:
+    """``(per_asset, shared)``: the :data:`PER_ASSET_FIELDS` of ``inputs`` as a dict, and ``inputs`` with
+    those fields set to None."""
+    per = {f: getattr(inputs, f) for f in PER_ASSET_FIELDS}
+    return per, inputs.replace(**{f: None for f in PER_ASSET_FIELDS})
+
+
+def make_sharded_step(spec: Stage2Spec, optimizer: optax.GradientTransformation, mesh: Any
+                      ) -> Callable[[Stage2State, dict, jax.Array, Stage2Inputs], tuple[Stage2State, dict]]:
+    """K assets' stage-2 steps as ONE jitted SPMD program over ``mesh`` (``tsjax.parallel.make_mesh``).
+
+    Returns ``multi(states, per_asset, keys, shared) -> (states, metrics)``: ``states`` (a
+    :class:`Stage2State` with a leading asset axis K), ``per_asset`` (:func:`split_inputs`'s dict, leaves
+    stacked over K: the concept priors and contextual views) and ``keys`` ``[K]`` are split over the
+    ``asset`` mesh axis (``tsjax.parallel.shard_assets``); ``shared`` (the rest of :class:`Stage2Inputs`:
+    reference prior, VAE, LoRA base, prompt tables, tet grid) is replicated (``tsjax.parallel.replicate``).
+    Asset ``k`` computes exactly the single-asset step with ``keys[k]``; metrics have a leading K axis.
+    The fused step is used (``perf.fuse_contextual`` is implied); ``perf.donate`` donates ``states``.
+    """
+    from tsjax.parallel import sharded_asset_step
+
+    raw = make_step_fn(spec, optimizer)
+
+    def one(state, per_asset, key, shared):
+        return raw(state, shared.replace(**per_asset), key)
+
+    return sharded_asset_step(one, mesh, num_shared=1, donate_state=spec.perf.donate)
+
+
+def make_step(spec: Stage2Spec, optimizer: optax.GradientTransformation
+              ) -> Callable[[Stage2State, Stage2Inputs, jax.Array], tuple[Stage2State, dict]]:
+    """Build the stage-2 step ``step(state, inputs, key) -> (state, metrics)`` (see the module docstring).
+
+    ``spec.perf`` selects the implementation, never the function computed (up to float round-off and,
+    for bf16, the bf16 precision of the networks): with ``fuse_contextual`` (default) the result is ONE
+    jitted function (``state`` donated when ``perf.donate``); otherwise the contextual gradient is a second
+    jitted function and the optimiser update a third. ``perf.compute_dtype`` is realised by the network
+    callables in the spec/inputs (:func:`with_compute`, :func:`prepare_inputs`), not here.
+    """
+    perf, K = spec.perf, spec.context_views
+    donate = (0,) if perf.donate else ()
+    _, update0 = _build(spec)
+    update = lambda state, grads, m: update0(optimizer, state, grads, m)  # noqa: E731
+    if perf.fuse_contextual or K == 0:
+        return jax.jit(make_step_fn(spec, optimizer), donate_argnums=donate)
+
+    grads_fn = make_grad_fn(spec)
+    upd = jax.jit(update, donate_argnums=donate)
+
+    def split_step(state: Stage2State, inputs: Stage2Inputs, key: jax.Array):
+        grads, m = grads_fn(state.params, state.step, inputs, key)
+        return upd(state, grads, m)
+
+    return split_step
