@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="tiny", help="tiny | paper | PATH.py defining get_config() (default tiny)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set guidance.alpha=0.3 (repeatable)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", default="out/optimize",
+                   help="output folder (default out/optimize; an existing one needs --resume or --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--resume", action="store_true", help="continue a stopped run in --out (same config)")
     p.add_argument("--num-assets", type=int, default=1, help="number of assets (best-ranked concept images)")
