@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="stage-2 steps (overrides the config)")
     p.add_argument("--seed", type=int, default=None, help="random seed (overrides the config)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--evaluate", action="store_true",
+                   help="run python -m tsjax.evaluate on the results at the end (into <out>/evaluation): "
+                        "weight-free metrics always, learned ones when their weights are given")
+    for flag, what in (("--clip", "transformers CLIPModel folder"), ("--vgg16", "torchvision VGG16 weights"),
+                       ("--lpips", "LPIPS linear layers"), ("--aesthetic", "LAION aesthetic head")):
+        p.add_argument(flag, default=None, metavar="PATH", help=f"{what} for --evaluate (optional)")
     return p
 
 
@@ -75,6 +81,22 @@ def config_from_args(args: argparse.Namespace):
     return cfg
 
 
+def evaluate_run(args: argparse.Namespace, cfg) -> int:
+    """``python -m tsjax.evaluate --results <out> --exemplars <exemplars> --out <out>/evaluation`` with the
+    weight files given to this command (metrics whose weights are missing are reported as not computed)."""
+    from tsjax import evaluate
+
+    out = Path(args.out)
+    argv = ["--results", str(out), "--exemplars", cfg.data.exemplars, "--out", str(out / "evaluation"),
+            "--prompt", f"a 3D model of {cfg.data.class_name}"]
+    for flag in ("clip", "vgg", "vgg16", "lpips", "aesthetic"):
+        v = getattr(args, flag)
+        if v is not None:
+            argv += [f"--{flag}", str(v)]
+    print(f"evaluating: python -m tsjax.evaluate {' '.join(argv)}", file=sys.stderr, flush=True)
+    return evaluate.main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -84,7 +106,16 @@ def main(argv: list[str] | None = None) -> int:
         opts = RunOptions(out=Path(args.out), num_assets=args.num_assets, init_mesh=args.init_mesh,
                           concept=args.concept, weights=args.weights, vgg=args.vgg, resume=args.resume,
                           overwrite=args.overwrite, progress=not args.no_progress)
+        if args.evaluate:
+            for flag in ("clip", "vgg16", "lpips", "aesthetic"):
+                v = getattr(args, flag)
+                if v is not None and not Path(v).exists():
+                    raise FileNotFoundError(f"--{flag} {v}: not found")
         manifest = run(cfg, opts)
+        if args.evaluate:
+            rc = evaluate_run(args, cfg)
+            if rc != 0:
+                return rc
     except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
