@@ -61,6 +61,12 @@ def test_bad_overrides_and_args(tmp_path, capsys):
     assert "no preset named 'nope'" in _err(capsys)
 
 
+def test_evaluate_weight_paths_checked_before_running(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["--out", str(out), "--evaluate", "--clip", str(tmp_path / "clip"), "--no-progress"]) == 2
+    assert "--clip" in _err(capsys) and not out.exists()
+
+
 def test_module_entry_point_help():
     r = subprocess.run([sys.executable, "-m", "tsjax.optimize", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--exemplars" in r.stdout and "--resume" in r.stdout
