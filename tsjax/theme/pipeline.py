@@ -352,7 +352,8 @@ def run(cfg: Config, opts: RunOptions) -> dict:
     prior_init = theme_unet if from_scratch else base.params["unet"]
     ref_steps = rp.train.steps
     log(f"[3/5] reference prior: {ref_steps} steps on {len(ref_col)} colour + {len(ref_nrm)} normal renders")
-    ref_unet = _cached(cache / "reference_prior.msgpack", lambda: P.finetune_unet(
+    ref_unet = None if guidance_t_ranges(g)["reference"] is None else _cached(  # unused by concept_only
+        cache / "reference_prior.msgpack", lambda: P.finetune_unet(
         base, prior_init, np.concatenate([ref_col, ref_nrm]),
         [y_theme] * len(ref_col) + [y_normal] * len(ref_nrm),
         np.concatenate([ref_cams[: len(ref_col)], ref_cams[: len(ref_nrm)]]), rp.train, ref_steps,
