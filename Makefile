@@ -39,7 +39,7 @@ validator:
 	else echo "npm not found: glTF validator tests will be skipped"; fi
 
 demo: build
-	$(PY) -m tsjax.render --exemplars builtin:toy-houses --views 8 --out $(OUT)
+	$(PY) -m tsjax.optimize --out $(OUT) --overwrite
 
 test: install-test build validator
 	$(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
