@@ -39,28 +39,3 @@ def test_chunked_attention_blocks_dtype_and_auto_routing():
     np.testing.assert_array_equal(attention(q, k, v), attention(q, k, v, impl="chunked"))
     with pytest.raises(ValueError, match="no causal mask"):
         attention(q, k, v, impl="chunked", is_causal=True)
-
-
-def test_conv3x3_tap_weight_gradient_matches_xla():
-    """Large 3x3 convs (routed to the per-tap GEMM kernel gradient) give XLA's value and gradients."""
-    import flax.linen as nn
-
-    from tsjax.diffusion import layers
-
-    x = jax.random.normal(jax.random.key(0), (1, 128, 128, 8), jnp.float32)
-    fast = layers.conv(16, 3, "c", jnp.float32)
-    plain = nn.Conv(16, (3, 3), padding=((1, 1), (1, 1)), param_dtype=jnp.float32)
-    p = fast.init(jax.random.key(1), x)
-    w = jax.random.normal(jax.random.key(2), (1, 128, 128, 16), jnp.float32)
-
-    def loss(m):
-        return lambda p, x: jnp.sum(m.apply(p, x) * w)
-
-    np.testing.assert_allclose(fast.apply(p, x), plain.apply(p, x), atol=1e-6)
-    g_fast = jax.grad(loss(fast), argnums=(0, 1))(p, x)
-    g_plain = jax.grad(loss(plain), argnums=(0, 1))(p, x)
-    for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_plain)):
-        # float32 sums over 128*128 pixels in a different order: agree to 1e-5 of the gradient's scale
-        np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.max(jnp.abs(b))))
-    assert "custom_vjp_call" in str(jax.make_jaxpr(fast.apply)(p, x))  # the large conv took the tap path
-    assert str(jax.make_jaxpr(jax.grad(loss(fast)))(p, x)).count("dot_general") == 9  # one GEMM per tap
