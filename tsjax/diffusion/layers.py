@@ -36,71 +36,12 @@ def dense(features: int, name: str, dtype: Dtype, use_bias: bool = True) -> nn.D
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-# 3x3 stride-1 "same" convs with at least this many output pixels take the per-tap GEMM weight gradient
-# (measured fwd+bwd, 1 thread, batch 2: 128x128x128 674 -> 561 ms, 128x128x256 3454 -> 2104 ms; but
-# 64x64x256 449 -> 506 ms and 64x64x64 25 -> 48 ms, so smaller maps keep XLA's own gradient).
-_TAP_DW_MIN_PIXELS = 128 * 128
-
-
-@jax.custom_vjp
-def _conv3x3_tap_dw(x: jax.Array, w: jax.Array) -> jax.Array:
-    """NHWC x HWIO 3x3 stride-1 conv with padding 1; backward computes the kernel gradient as 9 GEMMs.
-
-    XLA:CPU lowers the kernel gradient of a large-image conv to a convolution whose window is the whole
-    image, ~2x slower than PyTorch's on large maps; nine ``[Cin, B*H*W] @ [B*H*W, Cout]`` GEMMs over
-    shifted views of the padded input are faster there (2x128x128x128: 424 -> 298 ms). The input
-    gradient stays XLA's. ``x`` ``[B, H, W, Cin]``, ``w`` ``[3, 3, Cin, Cout]`` -> ``[B, H, W, Cout]``.
-    """
-    return _conv3x3(x, w)
-
-
-def _conv3x3(x, w):
-    return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-def _conv3x3_tap_dw_fwd(x, w):
-    return _conv3x3(x, w), (x, w)
-
-
-def _conv3x3_tap_dw_bwd(res, dy):
-    x, w = res
-    _, h, wd, cin = x.shape
-    dx = jax.vjp(lambda x_: _conv3x3(x_, w), x)[1](dy)[0]
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    dy2 = dy.reshape(-1, dy.shape[-1])
-    taps = [jnp.matmul(xp[:, i:i + h, j:j + wd, :].reshape(-1, cin).T, dy2) for i in range(3) for j in range(3)]
-    return dx, jnp.stack(taps).reshape(w.shape).astype(w.dtype)
-
-
-_conv3x3_tap_dw.defvjp(_conv3x3_tap_dw_fwd, _conv3x3_tap_dw_bwd)
-
-
-def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                          dimension_numbers=None, feature_group_count=1, precision=None, **kw):
-    """``lax.conv_general_dilated`` for ``nn.Conv``, routing large 3x3 "same" convs to ``_conv3x3_tap_dw``."""
-    nhwc = lax_dn = None  # only NHWC/HWIO 4-D convs qualify
-    if lhs.ndim == 4 and rhs.ndim == 4:
-        nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
-        lax_dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-    if (nhwc is not None and lax_dn == nhwc and rhs.shape[:2] == (3, 3) and tuple(window_strides) == (1, 1)
-            and [tuple(p) for p in padding] == [(1, 1), (1, 1)] and feature_group_count == 1 and not kw
-            and all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
-            and precision is None and lhs.shape[1] * lhs.shape[2] >= _TAP_DW_MIN_PIXELS):
-        return _conv3x3_tap_dw(lhs, rhs)
-    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-                                        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-                                        feature_group_count=feature_group_count, precision=precision, **kw)
-
-
 def conv(features: int, kernel: int, name: str, dtype: Dtype, stride: int = 1, padding: Any = None) -> nn.Conv:
-    """A float32-parameter ``nn.Conv`` (kernel HWIO = torch OIHW transposed); default padding ``k // 2``.
-
-    3x3 stride-1 convs on >= 128x128 maps get a faster kernel gradient (``_conv3x3_tap_dw``).
-    """
+    """A float32-parameter ``nn.Conv`` (kernel HWIO = torch OIHW transposed); default padding ``k // 2``."""
     p = kernel // 2 if padding is None else padding
     pad = ((p, p), (p, p)) if isinstance(p, int) else p
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=pad, dtype=dtype,
-                   param_dtype=jnp.float32, conv_general_dilated=_conv_general_dilated, name=name)
+                   param_dtype=jnp.float32, name=name)
 
 
 def group_norm(num_groups: int, epsilon: float, name: str, dtype: Dtype) -> nn.GroupNorm:
