@@ -127,7 +127,11 @@ def _run(out, extra=(), steps=6):
 def test_toy_pipeline_outputs_and_resume(tmp_path, toy):
     import trimesh
     out = tmp_path / "run"
-    assert _run(out) == 0
+    assert _run(out, ["--evaluate"]) == 0
+    ev = json.loads((out / "evaluation" / "metrics.json").read_text())  # --evaluate: weight-free metrics
+    row = ev["methods"]["run"]["assets"]["asset_0/model"]
+    assert 0.0 < row["chamfer_to_exemplars"] < 1.0 and 0.0 <= row["novelty_iou"] <= 1.0
+    assert isinstance(row["palette_distance"], float) and "not computed" in row["contextual_distance"]
     man = json.loads((out / "manifest.json").read_text())
     a = man["assets"][0]
     for k in ("glb", "obj", "turntable_color", "turntable_normal", "turntable_gif", "loss_curve", "concept",
