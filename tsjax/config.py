@@ -205,12 +205,14 @@ class GeometryConfig:
     base resolution 32, per-level scale 1.3195; SDF MLP 64 x 1; material MLP 64 x 2; grid 192).
 
     grid_resolution: tetrahedral grid resolution (cells per side) over [-scale/2, scale/2]^3.
+    grid_scale: side of the grid cube; 1.1 leaves a margin around the unit cube the exemplars and init
+        models are normalised into, so surfaces touching the unit cube are not cut open at the grid faces.
     max_faces / max_verts: static capacities of the extracted mesh (0 = derived from the grid).
     progressive_update_steps: steps between enabling successive SDF hash-grid levels (coarse-to-fine).
     """
 
     grid_resolution: int = 192
-    grid_scale: float = 1.0
+    grid_scale: float = 1.1
     n_levels: int = 10
     n_features_per_level: int = 2
     log2_hashmap_size: int = 19
