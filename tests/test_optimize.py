@@ -70,3 +70,8 @@ def test_evaluate_weight_paths_checked_before_running(tmp_path, capsys):
 def test_module_entry_point_help():
     r = subprocess.run([sys.executable, "-m", "tsjax.optimize", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--exemplars" in r.stdout and "--resume" in r.stdout
+
+
+def test_devices_other_than_one_is_a_clear_error(tmp_path, capsys):
+    assert main(["--out", str(tmp_path / "o"), "--set", "perf.devices=2", "--no-progress"]) == 2
+    assert "perf.devices=2" in capsys.readouterr().err

@@ -230,6 +230,9 @@ def run(cfg: Config, opts: RunOptions) -> dict:
     t_start = time.perf_counter()
     if opts.num_assets < 1:
         raise ValueError(f"--num-assets must be >= 1, got {opts.num_assets}")
+    if cfg.perf.devices != 1:
+        raise ValueError(f"perf.devices={cfg.perf.devices}: sharding assets over devices is not wired into the "
+                         f"pipeline yet (tsjax.theme.stage2.make_sharded_step exists but is untested); use 1")
     if opts.vgg is not None and not Path(opts.vgg).is_file():
         raise FileNotFoundError(f"--vgg {opts.vgg}: VGG19 weights file not found")
     if opts.init_mesh is not None and not Path(opts.init_mesh).is_file():
@@ -506,9 +509,10 @@ def _stage2(cfg: Config, opts: RunOptions, base, adir: Path, akey, *, init_mesh,
         sdf_steps=cfg.init.sdf_fit_steps, n_points=cfg.init.sdf_fit_points, albedo_steps=cfg.init.albedo_fit_steps,
         backend=opts.backend))
     lora_base = theme_unet if from_scratch else base.params["unet"]
-    lora_train, lora_apply = _lora_parts(base, lora_base, g.lora_rank, jax.random.fold_in(akey, 12))
+    fast = S.with_compute(base, cfg.perf)  # the networks in perf's compute dtype / attention implementation
+    lora_train, lora_apply = _lora_parts(fast, lora_base, g.lora_rank, jax.random.fold_in(akey, 12))
     tr = guidance_t_ranges(g)
-    unet_apply = lambda p, x, t, c, cam: base.unet_apply(p, x, t, c, cam)  # noqa: E731
+    unet_apply = lambda p, x, t, c, cam: fast.unet_apply(p, x, t, c, cam)  # noqa: E731
     concept = PriorPrompts(Denoiser(unet_apply, concept_unet), tables["concept"], None, tables["uncond"])
     reference = None
     if tr["reference"] is not None:
@@ -520,8 +524,8 @@ def _stage2(cfg: Config, opts: RunOptions, base, adir: Path, akey, *, init_mesh,
         dsd=DSDSettings(concept_t=tr["concept"], reference_t=tr["reference"], alpha=g.alpha, beta=g.beta,
                         guidance_scale=g.guidance_scale, normal_distillation=g.normal_distillation,
                         camera_dropout=g.camera_dropout),
-        reg=cfg.reg, camera=cfg.camera, vae_encode=base.vae_encode, scaling_factor=base.scaling_factor,
-        lora_apply=lora_apply, scheduler=base.scheduler, features=features, backend=opts.backend)
+        reg=cfg.reg, camera=cfg.camera, vae_encode=fast.vae_encode, scaling_factor=base.scaling_factor,
+        lora_apply=lora_apply, scheduler=base.scheduler, features=features, backend=opts.backend, perf=cfg.perf)
     ctx_feats = None
     if K > 0:
         ctx_feats = jax.jit(features)(feat_params, jnp.asarray(pseudo, jnp.float32))
@@ -529,6 +533,7 @@ def _stage2(cfg: Config, opts: RunOptions, base, adir: Path, akey, *, init_mesh,
                             lora_base=lora_base, lora_color=tables["theme"], lora_normal=tables["normal"],
                             context_feats=ctx_feats, context_c2w=jnp.asarray(init_cams.c2w),
                             context_proj=jnp.asarray(init_cams.proj), feature_params=feat_params)
+    inputs = S.prepare_inputs(inputs, cfg.perf)  # frozen weights stored in the compute dtype (bf16 on GPU)
     opt = S.make_optimizer(cfg.optim, g.lora_lr)
     state = S.init_state(geo, S.init_background(jax.random.fold_in(akey, 13)), lora_train, opt)
     ck = Checkpointer(adir / "ckpt")

@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -233,8 +234,11 @@ def with_compute(model: Any, perf: PerfConfig) -> Any:
     use them). Same parameters, same configs."""
     fast = dataclasses.replace(model)
     for name in ("unet", "vae"):
-        # DiffusionModel builds its modules lazily (functools.cached_property stores them in __dict__)
-        fast.__dict__[name] = compute_module(getattr(model, name), perf)
+        # DiffusionModel builds its modules lazily (functools.cached_property stores them in __dict__);
+        # duck-typed bundles without flax modules under these names are returned unchanged.
+        module = getattr(model, name, None)
+        if isinstance(module, nn.Module) and dataclasses.is_dataclass(module):
+            fast.__dict__[name] = compute_module(module, perf)
     return fast
 
 
