@@ -1,6 +1,7 @@
-// CPU rasterizer: per-vertex setup + per-triangle pixel-box scan with the reference's exact
-// barycentric expressions (bit-exact triangle ids, see rasterize.h). The padded pixel box is part
-// of the coverage rule (tsjax.ops.rasterize._triangle_setup), not only an acceleration.
+// CPU rasterizer: per-vertex pixel boxes, a branch-free box filter per triangle and an SSE
+// coverage/depth stage for the survivors, with the reference's exact expressions (bit-exact
+// triangle ids, see rasterize.h). The padded pixel box is part of the coverage rule
+// (tsjax.ops.rasterize._triangle_setup), not only an acceleration.
 //
 // Work is split into items (view, row band); one item is owned by one thread, so its depth/id
 // buffer needs no synchronisation and triangles are visited in id order (strict depth test ->
@@ -8,16 +9,23 @@
 // view; with fewer views each view is cut into ceil(threads / views) row bands.
 //
 // Per item:
-//  1. vertex pass: NDC x, y, z of every vertex (one division per coordinate, the same values the
-//     reference computes per triangle corner), clip w, validity and its inclusive pixel-centre
-//     range as int16, in one 32-byte record. Because ((x + 1) W - 1) / 2, the pad and ceil/floor
-//     are monotone in x, the box of a triangle is the min/max of its corners' ranges,
+//  1. vertex pass: the inclusive pixel-centre range of every vertex as 4 x int16 (8 bytes; the
+//     NDC division x = cx / w is the reference's). Because ((x + 1) W - 1) / 2, the pad and
+//     ceil/floor are monotone in x, the box of a triangle is the min/max of its corners' ranges,
 //     bit-identical to evaluating the box formula at the triangle's xmin/xmax.
-//  2. triangle pass: in id order, the pixel box from the three corner records (prefetched a few
-//     triangles ahead: mesh vertex indices are scattered); at 1M triangles on a 512^2 image about
-//     two thirds of the boxes hold no pixel centre and are rejected before any float work.
-//     Surviving triangles get the area / validity test and the exact per-pixel coverage test;
-//     each depth-test winner writes its perspective-correct (u, v, z/w) right away.
+//  2. triangle pass, in chunks of kChunk triangles (id order):
+//     a. filter: the box of each triangle from its three corner records (prefetched: mesh vertex
+//        indices are scattered), clamped to the band; triangles whose box holds a pixel centre are
+//        appended to a small queue without a branch (at 1M triangles on a 512^2 image about two
+//        thirds of the boxes are empty, an unpredictable branch per triangle otherwise);
+//     b. raster: queued triangles four at a time. Their corners are gathered from the clip
+//        positions and divided (the same float32 division as the vertex pass / reference), the
+//        validity, area and, for one-pixel boxes (nearly all of them at high triangle counts), the
+//        exact coverage and depth of that pixel are evaluated in SSE lanes, one IEEE operation per
+//        scalar operation of the reference, in the same order. Then, lane by lane in id order, the
+//        depth test; a winner writes its id and perspective-correct (u, v, z/w). Triangles whose
+//        box holds more than one pixel centre take the scalar per-pixel loop at their place in the
+//        id order.
 #include "kernels/rasterize.h"
 
 #include <smmintrin.h>  // SSE4.1 (x86-64-v2)
@@ -27,6 +35,8 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -40,57 +50,77 @@ inline float PixY(int i, int h) { return 1.0f - (2.0f * static_cast<float>(i) + 
 // j = ((x + 1) W - 1) / 2. The range is widened by 1e-2 pixel so float rounding of the coverage
 // test at the box border can never drop a pixel the reference would cover.
 // Stored as (j0, -j1, i0, -i1) so that a triangle's box is the lane-wise minimum of its three
-// corners' boxes (one SSE2 pminsw per pair of corners).
+// corners' boxes (one SSE2 pminsw per pair of corners). Invalid vertices (w <= eps, non-finite x
+// or y) get the neutral box (32767, 1, 32767, 1): they never widen a box, and the triangle is
+// rejected by the validity test of the raster stage.
 struct Box {
   int16_t j0, nj1, i0, ni1;
 };
 constexpr float kPad = 1e-2f;
 constexpr float kClampPix = 1e6f;  // keeps float -> int conversions defined for far-away vertices
+constexpr float kFltMax = std::numeric_limits<float>::max();
 
 inline int16_t ToI16(float v) {  // v integral, clamp into [-1, 32767] (W, H <= 16384)
   v = std::min(std::max(v, -1.0f), 32767.0f);
   return static_cast<int16_t>(v);
 }
 
-// One vertex after the vertex pass: NDC x, y, z, clip w, pixel range and validity in one 32-byte
-// record, so a triangle's box test and (for the survivors) its setup touch one cache line per corner.
-struct alignas(32) Vtx {
-  float x, y, z, w;
-  Box box;
-  int32_t ok;  // w > eps and finite x, y
-  int32_t pad;
+// Queue entry of the filter stage: the clamped box (j0, -j1, i0, -i1) in int16 lanes 0..3,
+// the triangle id in int32 lane 3.
+union Entry {
+  __m128i v;
+  struct {
+    int16_t j0, nj1, i0, ni1;
+    int32_t pad, f;
+  } s;
 };
 
+constexpr int kChunk = 1024;  // triangles per filter/raster round (queue stays in L1)
+
 struct Workspace {
-  std::vector<Vtx> vtx;     // [V]
+  std::vector<Box> box;     // [V]
   std::vector<float> zbuf;  // [rows, W]
   std::vector<float> px;    // [W] pixel-centre NDC x (PixX), precomputed: no division per pixel
   std::vector<float> py;    // [H] pixel-centre NDC y (PixY)
+  std::vector<Entry> queue; // [kChunk + 4]
+  int h = 0, w = 0;
 };
 
+// Workspaces outlive a call (the box buffer is large: page faults on every call otherwise); a
+// call takes one per thread and returns it. Concurrent calls each take their own.
+std::mutex g_pool_mu;
+std::vector<std::unique_ptr<Workspace>> g_pool;
+
+std::unique_ptr<Workspace> TakeWorkspace() {
+  std::lock_guard<std::mutex> lock(g_pool_mu);
+  if (g_pool.empty()) return std::make_unique<Workspace>();
+  auto ws = std::move(g_pool.back());
+  g_pool.pop_back();
+  return ws;
+}
+
+void ReturnWorkspace(std::unique_ptr<Workspace> ws) {
+  std::lock_guard<std::mutex> lock(g_pool_mu);
+  if (g_pool.size() < 16) g_pool.push_back(std::move(ws));
+}
+
 // Scalar vertex pass over vertices [v0, v1) (the reference definition of the SSE path below).
-void VertexPassScalar(const float* pos, int64_t v0, int64_t v1, float fw, float fh, Vtx* vtx) {
+void VertexPassScalar(const float* pos, int64_t v0, int64_t v1, float fw, float fh, Box* box) {
   for (int64_t v = v0; v < v1; ++v) {
     const float* q = pos + 4 * v;
     const float w = q[3];
-    const float x = q[0] / w, y = q[1] / w, z = q[2] / w;
-    Vtx& o = vtx[v];
-    o.x = x;
-    o.y = y;
-    o.z = z;
-    o.w = w;
+    const float x = q[0] / w, y = q[1] / w;
     const bool good = w > kWEps && std::isfinite(x) && std::isfinite(y);
-    o.ok = good;
-    if (!good) {  // never widens a box; the triangle is rejected by ok anyway
-      o.box = Box{32767, 1, 32767, 1};
+    if (!good) {
+      box[v] = Box{32767, 1, 32767, 1};
       continue;
     }
     float sx = ((x + 1.0f) * fw - 1.0f) * 0.5f;
     float sy = ((1.0f - y) * fh - 1.0f) * 0.5f;
     sx = std::min(std::max(sx, -kClampPix), kClampPix);
     sy = std::min(std::max(sy, -kClampPix), kClampPix);
-    o.box = Box{ToI16(std::ceil(sx - kPad)), static_cast<int16_t>(-ToI16(std::floor(sx + kPad))),
-                ToI16(std::ceil(sy - kPad)), static_cast<int16_t>(-ToI16(std::floor(sy + kPad)))};
+    box[v] = Box{ToI16(std::ceil(sx - kPad)), static_cast<int16_t>(-ToI16(std::floor(sx + kPad))),
+                 ToI16(std::ceil(sy - kPad)), static_cast<int16_t>(-ToI16(std::floor(sy + kPad)))};
   }
 }
 
@@ -100,55 +130,190 @@ void VertexPass(const RasterParams& p, int64_t b, Workspace* ws) {
   const int64_t nv = p.num_verts;
   const float* pos = p.pos + b * nv * 4;
   const float fw = static_cast<float>(p.width), fh = static_cast<float>(p.height);
-  Vtx* vtx = ws->vtx.data();
+  Box* box = ws->box.data();
   const int64_t n4 = nv & ~int64_t(3);
   const __m128 one = _mm_set1_ps(1.0f), half = _mm_set1_ps(0.5f), pad = _mm_set1_ps(kPad);
   const __m128 vw = _mm_set1_ps(fw), vh = _mm_set1_ps(fh), eps = _mm_set1_ps(kWEps);
-  const __m128 fmax = _mm_set1_ps(std::numeric_limits<float>::max());
+  const __m128 fmax = _mm_set1_ps(kFltMax);
   const __m128 absmask = _mm_castsi128_ps(_mm_set1_epi32(0x7fffffff));
   const __m128 clo = _mm_set1_ps(-kClampPix), chi = _mm_set1_ps(kClampPix);
   const __m128 ilo = _mm_set1_ps(-1.0f), ihi = _mm_set1_ps(32767.0f);
+  const __m128i big = _mm_set1_epi32(32767), unit = _mm_set1_epi32(1), zero = _mm_setzero_si128();
   for (int64_t v = 0; v < n4; v += 4) {
     __m128 cx = _mm_loadu_ps(pos + 4 * v), cy = _mm_loadu_ps(pos + 4 * v + 4);
     __m128 cz = _mm_loadu_ps(pos + 4 * v + 8), cw = _mm_loadu_ps(pos + 4 * v + 12);
     _MM_TRANSPOSE4_PS(cx, cy, cz, cw);  // now cx = x of the 4 vertices, ... cw = w
-    const __m128 x = _mm_div_ps(cx, cw), y = _mm_div_ps(cy, cw), z = _mm_div_ps(cz, cw);
+    const __m128 x = _mm_div_ps(cx, cw), y = _mm_div_ps(cy, cw);
     const __m128 ok = _mm_and_ps(_mm_cmpgt_ps(cw, eps),
                                  _mm_and_ps(_mm_cmple_ps(_mm_and_ps(x, absmask), fmax),
                                             _mm_cmple_ps(_mm_and_ps(y, absmask), fmax)));
+    const __m128i oki = _mm_castps_si128(ok);
     const __m128 xs = _mm_and_ps(ok, x), ys = _mm_and_ps(ok, y);  // 0 for invalid vertices
     __m128 sx = _mm_mul_ps(_mm_sub_ps(_mm_mul_ps(_mm_add_ps(xs, one), vw), one), half);
     __m128 sy = _mm_mul_ps(_mm_sub_ps(_mm_mul_ps(_mm_sub_ps(one, ys), vh), one), half);
     sx = _mm_min_ps(_mm_max_ps(sx, clo), chi);
     sy = _mm_min_ps(_mm_max_ps(sy, clo), chi);
     auto to_i = [&](__m128 t) { return _mm_cvttps_epi32(_mm_min_ps(_mm_max_ps(t, ilo), ihi)); };
-    const __m128i jlo = to_i(_mm_ceil_ps(_mm_sub_ps(sx, pad))), jhi = to_i(_mm_floor_ps(_mm_add_ps(sx, pad)));
-    const __m128i ilo_ = to_i(_mm_ceil_ps(_mm_sub_ps(sy, pad))), ihi_ = to_i(_mm_floor_ps(_mm_add_ps(sy, pad)));
-    alignas(16) int32_t a0[4], a1[4], a2[4], a3[4], okm[4];
-    _mm_store_si128(reinterpret_cast<__m128i*>(a0), jlo);
-    _mm_store_si128(reinterpret_cast<__m128i*>(a1), jhi);
-    _mm_store_si128(reinterpret_cast<__m128i*>(a2), ilo_);
-    _mm_store_si128(reinterpret_cast<__m128i*>(a3), ihi_);
-    _mm_store_si128(reinterpret_cast<__m128i*>(okm), _mm_castps_si128(ok));
-    __m128 tx = x, ty = y, tz = z, tw = cw;
-    _MM_TRANSPOSE4_PS(tx, ty, tz, tw);  // back to per-vertex (x, y, z, w)
-    const __m128 rec[4] = {tx, ty, tz, tw};
-    for (int k = 0; k < 4; ++k) {
-      Vtx& o = vtx[v + k];
-      _mm_store_ps(&o.x, rec[k]);
-      o.ok = okm[k] != 0;
-      o.box = okm[k] ? Box{static_cast<int16_t>(a0[k]), static_cast<int16_t>(-a1[k]), static_cast<int16_t>(a2[k]),
-                           static_cast<int16_t>(-a3[k])}
-                     : Box{32767, 1, 32767, 1};
+    // (j0, -j1, i0, -i1) per vertex in int32 lanes, the neutral box where not ok
+    const __m128i j0 = _mm_blendv_epi8(big, to_i(_mm_ceil_ps(_mm_sub_ps(sx, pad))), oki);
+    const __m128i nj1 = _mm_blendv_epi8(unit, _mm_sub_epi32(zero, to_i(_mm_floor_ps(_mm_add_ps(sx, pad)))), oki);
+    const __m128i i0 = _mm_blendv_epi8(big, to_i(_mm_ceil_ps(_mm_sub_ps(sy, pad))), oki);
+    const __m128i ni1 = _mm_blendv_epi8(unit, _mm_sub_epi32(zero, to_i(_mm_floor_ps(_mm_add_ps(sy, pad)))), oki);
+    // values lie in [-32767, 32767]: the saturating packs are exact
+    const __m128i pj = _mm_packs_epi32(j0, i0);    // j0[0..3], i0[0..3]
+    const __m128i pn = _mm_packs_epi32(nj1, ni1);  // -j1[0..3], -i1[0..3]
+    const __m128i lo = _mm_unpacklo_epi16(pj, pn);  // (j0, -j1) per vertex
+    const __m128i hi = _mm_unpackhi_epi16(pj, pn);  // (i0, -i1) per vertex
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(box + v), _mm_unpacklo_epi32(lo, hi));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(box + v + 2), _mm_unpackhi_epi32(lo, hi));
+  }
+  VertexPassScalar(pos, n4, nv, fw, fh, box);
+}
+
+// NDC (x, y, z) of one clip vertex and its validity, exactly as in the vertex pass / reference.
+struct Corner {
+  float x, y, z, w;
+  bool ok;
+};
+inline Corner LoadCorner(const float* q) {
+  const float w = q[3];
+  Corner c{q[0] / w, q[1] / w, q[2] / w, w, false};
+  c.ok = w > kWEps && std::isfinite(c.x) && std::isfinite(c.y);
+  return c;
+}
+
+struct BandCtx {
+  const float* pos;  // [V, 4] of this view
+  const int32_t* tris;
+  const float* pxs;
+  const float* pys;
+  float* zb;         // indexed by absolute row * W + column
+  int32_t* ids;
+  float* bary;
+  int w;
+};
+
+// Depth test and write of one covered pixel (index k = i * W + j) by triangle id1 = id + 1.
+inline void Resolve(const BandCtx& c, int64_t k, int32_t id1, float b0, float b1, float b2, float z, float w0,
+                    float w1, float w2) {
+  if (z < c.zb[k]) {
+    c.zb[k] = z;
+    c.ids[k] = id1;
+    const float q0 = b0 / w0, q1 = b1 / w1, q2 = b2 / w2;
+    float den = q0 + q1 + q2;
+    if (!(std::fabs(den) > 1e-20f)) den = 1.0f;
+    float* o = c.bary + 3 * k;
+    o[0] = q0 / den;
+    o[1] = q1 / den;
+    o[2] = z;
+  }
+}
+
+// Scalar path for one triangle with the (clamped, non-empty) pixel box [j0, j1] x [i0, i1].
+void RasterTriangle(const BandCtx& c, int32_t f, int j0, int j1, int i0, int i1) {
+  const int32_t* t = c.tris + 3 * int64_t(f);
+  const Corner a = LoadCorner(c.pos + 4 * int64_t(t[0]));
+  const Corner bb = LoadCorner(c.pos + 4 * int64_t(t[1]));
+  const Corner d = LoadCorner(c.pos + 4 * int64_t(t[2]));
+  if (!(a.ok & bb.ok & d.ok)) return;
+  const float x0 = a.x, y0 = a.y, z0 = a.z;
+  const float x1 = bb.x, y1 = bb.y, z1 = bb.z;
+  const float x2 = d.x, y2 = d.y, z2 = d.z;
+  // same expression as tsjax.ops.rasterize._screen_bary evaluated at the origin
+  const float area = (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0);
+  if (!(std::fabs(area) > kAreaEps) || !std::isfinite(area)) return;
+  const float inv = 1.0f / area;
+  const int32_t id1 = f + 1;
+  for (int i = i0; i <= i1; ++i) {
+    const float py = c.pys[i];
+    for (int j = j0; j <= j1; ++j) {
+      const float px = c.pxs[j];
+      const float b0 = ((x1 - px) * (y2 - py) - (y1 - py) * (x2 - px)) * inv;
+      if (!(b0 >= 0.0f)) continue;
+      const float b1 = ((x2 - px) * (y0 - py) - (y2 - py) * (x0 - px)) * inv;
+      if (!(b1 >= 0.0f)) continue;
+      const float b2 = 1.0f - b0 - b1;
+      if (!(b2 >= 0.0f)) continue;
+      const float z = b0 * z0 + b1 * z1 + b2 * z2;
+      if (!(z >= -1.0f && z <= 1.0f)) continue;
+      Resolve(c, int64_t(i) * c.w + j, id1, b0, b1, b2, z, a.w, bb.w, d.w);
     }
   }
-  VertexPassScalar(pos, n4, nv, fw, fh, vtx);
+}
+
+// Four queued triangles (entries e[0..3], lanes >= n inactive), in id order.
+void RasterGroup(const BandCtx& c, const Entry* e, int n) {
+  // gather the clip corners: lane l of cx[k] = clip x of corner k of triangle l, ...
+  __m128 cx[3], cy[3], cz[3], cw[3];
+  for (int k = 0; k < 3; ++k) {
+    __m128 r0 = _mm_loadu_ps(c.pos + 4 * int64_t(c.tris[3 * int64_t(e[0].s.f) + k]));
+    __m128 r1 = _mm_loadu_ps(c.pos + 4 * int64_t(c.tris[3 * int64_t(e[1].s.f) + k]));
+    __m128 r2 = _mm_loadu_ps(c.pos + 4 * int64_t(c.tris[3 * int64_t(e[2].s.f) + k]));
+    __m128 r3 = _mm_loadu_ps(c.pos + 4 * int64_t(c.tris[3 * int64_t(e[3].s.f) + k]));
+    _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+    cx[k] = r0, cy[k] = r1, cz[k] = r2, cw[k] = r3;
+  }
+  const __m128 eps = _mm_set1_ps(kWEps), fmax = _mm_set1_ps(kFltMax), aeps = _mm_set1_ps(kAreaEps);
+  const __m128 absmask = _mm_castsi128_ps(_mm_set1_epi32(0x7fffffff));
+  const __m128 one = _mm_set1_ps(1.0f), zero = _mm_setzero_ps(), mone = _mm_set1_ps(-1.0f);
+  __m128 x[3], y[3], z[3];
+  __m128 ok = _mm_castsi128_ps(_mm_set1_epi32(-1));
+  for (int k = 0; k < 3; ++k) {
+    x[k] = _mm_div_ps(cx[k], cw[k]);
+    y[k] = _mm_div_ps(cy[k], cw[k]);
+    z[k] = _mm_div_ps(cz[k], cw[k]);
+    ok = _mm_and_ps(ok, _mm_and_ps(_mm_cmpgt_ps(cw[k], eps),
+                                   _mm_and_ps(_mm_cmple_ps(_mm_and_ps(x[k], absmask), fmax),
+                                              _mm_cmple_ps(_mm_and_ps(y[k], absmask), fmax))));
+  }
+  const __m128 area = _mm_sub_ps(_mm_mul_ps(_mm_sub_ps(x[1], x[0]), _mm_sub_ps(y[2], y[0])),
+                                 _mm_mul_ps(_mm_sub_ps(y[1], y[0]), _mm_sub_ps(x[2], x[0])));
+  const __m128 aa = _mm_and_ps(area, absmask);
+  ok = _mm_and_ps(ok, _mm_and_ps(_mm_cmpgt_ps(aa, aeps), _mm_cmple_ps(aa, fmax)));
+  const int okm = _mm_movemask_ps(ok) & ((1 << n) - 1);
+  if (!okm) return;
+  // one-pixel boxes: the pixel centre (j0, i0) of each lane
+  alignas(16) float pxl[4], pyl[4];
+  for (int l = 0; l < 4; ++l) {
+    pxl[l] = c.pxs[e[l].s.j0];
+    pyl[l] = c.pys[e[l].s.i0];
+  }
+  const __m128 px = _mm_load_ps(pxl), py = _mm_load_ps(pyl);
+  const __m128 inv = _mm_div_ps(one, area);
+  const __m128 b0 = _mm_mul_ps(_mm_sub_ps(_mm_mul_ps(_mm_sub_ps(x[1], px), _mm_sub_ps(y[2], py)),
+                                          _mm_mul_ps(_mm_sub_ps(y[1], py), _mm_sub_ps(x[2], px))),
+                               inv);
+  const __m128 b1 = _mm_mul_ps(_mm_sub_ps(_mm_mul_ps(_mm_sub_ps(x[2], px), _mm_sub_ps(y[0], py)),
+                                          _mm_mul_ps(_mm_sub_ps(y[2], py), _mm_sub_ps(x[0], px))),
+                               inv);
+  const __m128 b2 = _mm_sub_ps(_mm_sub_ps(one, b0), b1);
+  const __m128 zz = _mm_add_ps(_mm_add_ps(_mm_mul_ps(b0, z[0]), _mm_mul_ps(b1, z[1])), _mm_mul_ps(b2, z[2]));
+  const __m128 cov = _mm_and_ps(_mm_and_ps(_mm_cmpge_ps(b0, zero), _mm_cmpge_ps(b1, zero)),
+                                _mm_and_ps(_mm_cmpge_ps(b2, zero),
+                                           _mm_and_ps(_mm_cmpge_ps(zz, mone), _mm_cmple_ps(zz, one))));
+  const int covm = _mm_movemask_ps(cov);
+  alignas(16) float fb0[4], fb1[4], fb2[4], fz[4], fw0[4], fw1[4], fw2[4];
+  _mm_store_ps(fb0, b0);
+  _mm_store_ps(fb1, b1);
+  _mm_store_ps(fb2, b2);
+  _mm_store_ps(fz, zz);
+  _mm_store_ps(fw0, cw[0]);
+  _mm_store_ps(fw1, cw[1]);
+  _mm_store_ps(fw2, cw[2]);
+  for (int m = okm; m; m &= m - 1) {
+    const int l = __builtin_ctz(m);
+    const Entry& el = e[l];
+    const int j0 = el.s.j0, j1 = -el.s.nj1, i0 = el.s.i0, i1 = -el.s.ni1;
+    if (j0 == j1 && i0 == i1) {
+      if ((covm >> l) & 1)
+        Resolve(c, int64_t(i0) * c.w + j0, el.s.f + 1, fb0[l], fb1[l], fb2[l], fz[l], fw0[l], fw1[l], fw2[l]);
+    } else {
+      RasterTriangle(c, el.s.f, j0, j1, i0, i1);
+    }
+  }
 }
 
 // Rasterize rows [row0, row1) of view b into ids (id + 1) and bary with the depth buffer ws->zbuf.
-// Every depth-test winner also writes its perspective-correct (u, v, z/w) (the reference's
-// formulas, tsjax.ops.rasterize._persp_terms): the last winner of a pixel is its final triangle, and
-// its vertex records are already in cache here, unlike in a separate resolve pass over the ids.
 void RasterBand(const RasterParams& p, int64_t b, int row0, int row1, Workspace* ws) {
   const int h = p.height, w = p.width;
   int32_t* ids = p.ids + b * int64_t(h) * w;
@@ -157,74 +322,50 @@ void RasterBand(const RasterParams& p, int64_t b, int row0, int row1, Workspace*
   std::fill(zb + int64_t(row0) * w, zb + int64_t(row1) * w, std::numeric_limits<float>::infinity());
   std::fill(ids + int64_t(row0) * w, ids + int64_t(row1) * w, 0);
   std::fill(bary + int64_t(row0) * w * 3, bary + int64_t(row1) * w * 3, 0.0f);
-  const float* pxs = ws->px.data();
-  const float* pys = ws->py.data();
-  const Vtx* vtx = ws->vtx.data();
-  const int32_t* tv = p.tris;
+  const BandCtx ctx{p.pos + b * p.num_verts * 4, p.tris, ws->px.data(), ws->py.data(), zb, ids, bary, w};
+  const Box* box = ws->box.data();
+  Entry* q = ws->queue.data();
   const int r1 = row1 - 1, wm1 = w - 1;
-  // Vertex indices of real meshes jump around memory, so the box loads are cache misses; prefetch
-  // them kPrefetch triangles ahead (indices are only read here, never trusted: see the FFI check).
   constexpr int64_t kPrefetch = 32;
   const int64_t nf = p.num_tris;
   const __m128i lim = _mm_setr_epi16(0, static_cast<int16_t>(-wm1), static_cast<int16_t>(row0),
                                      static_cast<int16_t>(-r1), 0, 0, 0, 0);
-  for (int64_t f = 0; f < nf; ++f, tv += 3) {
-    if (f + kPrefetch < nf) {
-      const int32_t* tp = tv + 3 * kPrefetch;
-      __builtin_prefetch(vtx + tp[0]);
-      __builtin_prefetch(vtx + tp[1]);
-      __builtin_prefetch(vtx + tp[2]);
+  const __m128i zero = _mm_setzero_si128();
+  for (int64_t c0 = 0; c0 < nf; c0 += kChunk) {
+    const int64_t c1 = std::min(nf, c0 + kChunk);
+    // a. filter (no branch on the outcome: the entry is always written, the count advances by keep)
+    int n = 0;
+    const int32_t* tv = p.tris + 3 * c0;
+    for (int64_t f = c0; f < c1; ++f, tv += 3) {
+      if (f + kPrefetch < nf) {
+        const int32_t* tp = tv + 3 * kPrefetch;
+        __builtin_prefetch(box + tp[0]);
+        __builtin_prefetch(box + tp[1]);
+        __builtin_prefetch(box + tp[2]);
+      }
+      // box = lane-wise min of the corners' (j0, -j1, i0, -i1), clamped to the band; empty unless
+      // j0 + (-j1) <= 0 and i0 + (-i1) <= 0 (saturating adds: no wrap-around)
+      __m128i m = _mm_min_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(box + tv[0])),
+                                _mm_loadl_epi64(reinterpret_cast<const __m128i*>(box + tv[1])));
+      m = _mm_max_epi16(_mm_min_epi16(m, _mm_loadl_epi64(reinterpret_cast<const __m128i*>(box + tv[2]))), lim);
+      const __m128i sum = _mm_adds_epi16(m, _mm_shufflelo_epi16(m, _MM_SHUFFLE(2, 3, 0, 1)));
+      const int empty = _mm_movemask_epi8(_mm_cmpgt_epi16(sum, zero)) & 0x33;
+      _mm_storeu_si128(&q[n].v, _mm_insert_epi32(m, static_cast<int32_t>(f), 3));
+      n += (empty == 0);
     }
-    const Vtx& va = vtx[tv[0]];
-    const Vtx& vc = vtx[tv[1]];
-    const Vtx& vd = vtx[tv[2]];
-    // box = lane-wise min of the corners' (j0, -j1, i0, -i1), clamped to the band; empty unless
-    // j0 + (-j1) <= 0 and i0 + (-i1) <= 0 (saturating adds: no wrap-around)
-    __m128i m = _mm_min_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(&va.box)),
-                              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(&vc.box)));
-    m = _mm_max_epi16(_mm_min_epi16(m, _mm_loadl_epi64(reinterpret_cast<const __m128i*>(&vd.box))), lim);
-    const __m128i sum = _mm_adds_epi16(m, _mm_shufflelo_epi16(m, _MM_SHUFFLE(2, 3, 0, 1)));
-    if (_mm_movemask_epi8(_mm_cmpgt_epi16(sum, _mm_setzero_si128())) & 0x33) continue;
-    const int j0 = static_cast<int16_t>(_mm_extract_epi16(m, 0));
-    const int j1 = -static_cast<int16_t>(_mm_extract_epi16(m, 1));
-    const int i0 = static_cast<int16_t>(_mm_extract_epi16(m, 2));
-    const int i1 = -static_cast<int16_t>(_mm_extract_epi16(m, 3));
-    if (!(va.ok & vc.ok & vd.ok)) continue;
-    const float x0 = va.x, y0 = va.y, z0 = va.z, w0 = va.w;
-    const float x1 = vc.x, y1 = vc.y, z1 = vc.z, w1 = vc.w;
-    const float x2 = vd.x, y2 = vd.y, z2 = vd.z, w2 = vd.w;
-    // same expression as tsjax.ops.rasterize._screen_bary evaluated at the origin
-    const float area = (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0);
-    if (!(std::fabs(area) > kAreaEps) || !std::isfinite(area)) continue;
-    const float inv = 1.0f / area;
-    const int32_t id1 = static_cast<int32_t>(f) + 1;
-    for (int i = i0; i <= i1; ++i) {
-      const float py = pys[i];
-      float* zrow = zb + int64_t(i) * w;
-      int32_t* irow = ids + int64_t(i) * w;
-      float* brow = bary + int64_t(i) * w * 3;
-      for (int j = j0; j <= j1; ++j) {
-        const float px = pxs[j];
-        const float b0 = ((x1 - px) * (y2 - py) - (y1 - py) * (x2 - px)) * inv;
-        if (!(b0 >= 0.0f)) continue;
-        const float b1 = ((x2 - px) * (y0 - py) - (y2 - py) * (x0 - px)) * inv;
-        if (!(b1 >= 0.0f)) continue;
-        const float b2 = 1.0f - b0 - b1;
-        if (!(b2 >= 0.0f)) continue;
-        const float z = b0 * z0 + b1 * z1 + b2 * z2;
-        if (!(z >= -1.0f && z <= 1.0f)) continue;
-        if (z < zrow[j]) {
-          zrow[j] = z;
-          irow[j] = id1;
-          const float q0 = b0 / w0, q1 = b1 / w1, q2 = b2 / w2;
-          float den = q0 + q1 + q2;
-          if (!(std::fabs(den) > 1e-20f)) den = 1.0f;
-          float* o = brow + 3 * j;
-          o[0] = q0 / den;
-          o[1] = q1 / den;
-          o[2] = z;
+    if (n == 0) continue;
+    // b. raster, four queued triangles at a time; the last group is padded with its last entry
+    for (int k = n; k < ((n + 3) & ~3); ++k) q[k] = q[n - 1];
+    for (int k = 0; k < n; k += 4) {
+      if (k + 8 < n) {  // corners of the group after next
+        for (int l = 0; l < 4; ++l) {
+          const int32_t* t = p.tris + 3 * int64_t(q[k + 8 + l].s.f);
+          __builtin_prefetch(ctx.pos + 4 * int64_t(t[0]));
+          __builtin_prefetch(ctx.pos + 4 * int64_t(t[1]));
+          __builtin_prefetch(ctx.pos + 4 * int64_t(t[2]));
         }
       }
+      RasterGroup(ctx, q + k, std::min(4, n - k));
     }
   }
 }
@@ -243,24 +384,30 @@ void RasterizeCpu(const RasterParams& p, int num_threads) {
   const int nt = static_cast<int>(std::min<int64_t>(num_threads, items));
   std::atomic<int64_t> next{0};
   auto worker = [&] {
-    Workspace ws;
-    ws.vtx.resize(p.num_verts);
-    ws.px.resize(p.width);
-    ws.py.resize(h);
-    for (int j = 0; j < p.width; ++j) ws.px[j] = PixX(j, p.width);
-    for (int i = 0; i < h; ++i) ws.py[i] = PixY(i, h);
-    ws.zbuf.resize(int64_t(band) * p.width);
+    std::unique_ptr<Workspace> ws = TakeWorkspace();
+    ws->box.resize(p.num_verts);
+    if (ws->h != h || ws->w != p.width) {
+      ws->px.resize(p.width);
+      ws->py.resize(h);
+      for (int j = 0; j < p.width; ++j) ws->px[j] = PixX(j, p.width);
+      for (int i = 0; i < h; ++i) ws->py[i] = PixY(i, h);
+      ws->h = h;
+      ws->w = p.width;
+    }
+    ws->zbuf.resize(int64_t(band) * p.width);
+    ws->queue.resize(kChunk + 4);
     int64_t have = -1;  // view whose vertex pass is in ws
     for (int64_t it = next++; it < items; it = next++) {
       const int64_t b = it / nbands;
       const int r0 = static_cast<int>(it % nbands) * band;
       const int r1 = std::min(h, r0 + band);
       if (have != b) {
-        VertexPass(p, b, &ws);
+        VertexPass(p, b, ws.get());
         have = b;
       }
-      RasterBand(p, b, r0, r1, &ws);
+      RasterBand(p, b, r0, r1, ws.get());
     }
+    ReturnWorkspace(std::move(ws));
   };
   if (nt <= 1) {
     worker();
