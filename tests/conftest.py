@@ -12,6 +12,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# CLIs run in-process by the tests (python -m tsjax.optimize's main) use the persistent compilation cache;
+# keep it inside the checkout (ignored by git) rather than in the user's ~/.cache.
+os.environ.setdefault("TSJAX_COMPILE_CACHE", str(REPO / ".pytest_cache" / "tsjax-xla"))
+
 
 def _exemplar_root() -> Path:
     env = os.environ.get("TSJAX_EXEMPLARS")

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="stage-2 steps (overrides the config)")
     p.add_argument("--seed", type=int, default=None, help="random seed (overrides the config)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--compile-cache", default=None, metavar="DIR|off",
+                   help="persistent XLA compilation cache (default $TSJAX_COMPILE_CACHE, else "
+                        "~/.cache/tsjax/xla; 'off' disables): reruns of the same shapes skip compilation")
     p.add_argument("--evaluate", action="store_true",
                    help="run python -m tsjax.evaluate on the results at the end (into <out>/evaluation): "
                         "weight-free metrics always, learned ones when their weights are given")
@@ -102,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from tsjax.theme.pipeline import NonFiniteLossError, RunOptions, run
 
+        from tsjax.compile_cache import default_cache_dir, enable_compile_cache
+
         cfg = config_from_args(args)
+        enable_compile_cache(default_cache_dir() if args.compile_cache is None else args.compile_cache)
         opts = RunOptions(out=Path(args.out), num_assets=args.num_assets, init_mesh=args.init_mesh,
                           concept=args.concept, weights=args.weights, vgg=args.vgg, resume=args.resume,
                           overwrite=args.overwrite, progress=not args.no_progress)
