@@ -18,7 +18,8 @@ Conv2d OIHW -> HWIO; a 1x1 Conv2d feeding a Linear template is squeezed), ``scal
 tensor or a missing parameter raises :class:`ValueError` naming the file, the tensor and the expected
 shape. Buffers that are not parameters (``position_ids``, ...) are ignored.
 
-Own parameters are saved/loaded by :func:`tsjax.diffusion.sampling.save_model` / ``load_model`` (msgpack).
+Own parameters are saved/loaded with orbax by :func:`tsjax.diffusion.io.save_params` / ``load_params``
+(model folders: :func:`tsjax.diffusion.sampling.save_model` / ``load_model``).
 """
 from __future__ import annotations
 

@@ -215,7 +215,8 @@ def generate(
 # ----------------------------------------------------------------------------------------------
 
 TSJAX_MODEL_FILE = "tsjax_model.json"
-TSJAX_PARAMS_FILE = "params.msgpack"
+TSJAX_PARAMS_DIR = "params"  # orbax checkpoint (tsjax.diffusion.io)
+TSJAX_PARAMS_FILE = "params.msgpack"  # legacy (flax msgpack), still read by load_model
 
 
 def tiny_tokenizer(max_length: int = 77):
@@ -337,12 +338,14 @@ def _config_from(cls, d: dict):
 def save_model(model: DiffusionModel, out_dir: str | os.PathLike, params: dict | None = None) -> Path:
     """Save a model (optionally with other ``params``) as a tsjax folder :func:`load_model` reads.
 
-    Layout: ``tsjax_model.json`` (the three module configs + the scheduler config), ``params.msgpack``
-    (``flax.serialization`` of ``{"unet", "vae", "text_encoder"}``) and ``tokenizer/``.
+    Layout: ``tsjax_model.json`` (the three module configs + the scheduler config), ``params/`` (an orbax
+    checkpoint of ``{"unet", "vae", "text_encoder"}`` written by :func:`tsjax.diffusion.io.save_params`)
+    and ``tokenizer/``. A legacy ``params.msgpack`` left in ``out_dir`` by an older save is removed so the
+    folder holds one parameter set.
     """
     import json
 
-    from flax import serialization
+    from tsjax.diffusion.io import save_params
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -351,8 +354,11 @@ def save_model(model: DiffusionModel, out_dir: str | os.PathLike, params: dict |
             "vae": _config_dict(model.vae_config), "text_encoder": _config_dict(model.text_config),
             "scheduler": dict(model.scheduler_config), "source": model.source}
     (out / TSJAX_MODEL_FILE).write_text(json.dumps(meta, indent=1, default=str))
-    host = jax.tree_util.tree_map(np.asarray, {k: params[k] for k in ("unet", "vae", "text_encoder")})
-    (out / TSJAX_PARAMS_FILE).write_bytes(serialization.msgpack_serialize(host))
+    missing = [k for k in ("unet", "vae", "text_encoder") if k not in params]
+    if missing:
+        raise ValueError(f"save_model({out}): params lack {', '.join(missing)}")
+    save_params(out / TSJAX_PARAMS_DIR, {k: params[k] for k in ("unet", "vae", "text_encoder")})
+    (out / TSJAX_PARAMS_FILE).unlink(missing_ok=True)
     model.tokenizer.save_pretrained(str(out / "tokenizer"))
     return out
 
@@ -394,10 +400,32 @@ def tiny_model(seed: int = 0, *, camera: bool = False) -> DiffusionModel:
     return dataclasses.replace(shell, params=params)
 
 
+def _param_template(shell: DiffusionModel) -> dict:
+    """``{"unet", "vae", "text_encoder"}`` parameter shapes of ``shell``'s configs (``jax.eval_shape``, no
+    memory), used to check a saved checkpoint against its ``tsjax_model.json``."""
+    ucfg = shell.unet_config
+    s, L, f = shell.sample_size, int(shell.text_config.max_position_embeddings), shell.latent_factor
+    cdim = getattr(ucfg, "camera_embed_dim", None)
+    cam = jnp.zeros((1, int(cdim))) if cdim is not None else None
+    key = jax.random.key(0)
+
+    def init(k):
+        ku, kv, kt = jax.random.split(k, 3)
+        return {
+            "unet": shell.unet.init(ku, jnp.zeros((1, s, s, ucfg.in_channels)), jnp.zeros((1,), jnp.int32),
+                                    jnp.zeros((1, L, int(ucfg.cross_attention_dim))), cam)["params"],
+            "vae": shell.vae.init(kv, jnp.zeros((1, s * f, s * f, 3)))["params"],
+            "text_encoder": shell.text_encoder.init(kt, jnp.zeros((1, L), jnp.int32))["params"],
+        }
+
+    return jax.eval_shape(init, key)
+
+
 def load_model(spec: str) -> DiffusionModel:
     """Load ``spec``: ``tiny`` / ``tiny:SEED`` / ``tiny-camera[:SEED]`` (random tiny model), a folder
-    written by :func:`save_model`, or a diffusers Stable Diffusion folder (``model_index.json`` with
-    ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``). Never touches the network.
+    written by :func:`save_model` (orbax ``params/``, or a legacy ``params.msgpack``), or a diffusers Stable
+    Diffusion folder (``model_index.json`` with ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
+    ``scheduler/``). Never touches the network.
     """
     import json
 
@@ -416,15 +444,22 @@ def load_model(spec: str) -> DiffusionModel:
         from tsjax.diffusion.unet import UNetConfig
         from tsjax.diffusion.vae import VAEConfig
 
+        from tsjax.diffusion.io import load_params
+
         meta = json.loads((root / TSJAX_MODEL_FILE).read_text())
-        pfile = root / TSJAX_PARAMS_FILE
-        if not pfile.is_file():
-            raise FileNotFoundError(f"{pfile}: missing parameter file of the tsjax model folder")
-        params = serialization.msgpack_restore(pfile.read_bytes())
-        params = jax.tree_util.tree_map(jnp.asarray, params)
-        return DiffusionModel(_config_from(UNetConfig, meta["unet"]), _config_from(VAEConfig, meta["vae"]),
-                              _config_from(CLIPTextConfig, meta["text_encoder"]), meta["scheduler"],
-                              load_tokenizer(str(root / "tokenizer")), params, source=str(root))
+        shell = DiffusionModel(_config_from(UNetConfig, meta["unet"]), _config_from(VAEConfig, meta["vae"]),
+                               _config_from(CLIPTextConfig, meta["text_encoder"]), meta["scheduler"],
+                               load_tokenizer(str(root / "tokenizer")), {}, source=str(root))
+        pdir, pfile = root / TSJAX_PARAMS_DIR, root / TSJAX_PARAMS_FILE
+        if pdir.exists():
+            params = load_params(pdir, target=_param_template(shell))
+        elif pfile.is_file():
+            params = serialization.msgpack_restore(pfile.read_bytes())
+            params = jax.tree_util.tree_map(jnp.asarray, params)
+        else:
+            raise FileNotFoundError(f"{pdir}: missing parameter checkpoint of the tsjax model folder "
+                                    f"(nor a legacy {TSJAX_PARAMS_FILE})")
+        return dataclasses.replace(shell, params=params)
     if (root / "model_index.json").is_file():
         from tsjax.diffusion.convert import load_pipeline
 
