@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tsjax.diffusion.layers import LayerNorm, attention, dense
+from tsjax.diffusion.layers import LayerNorm, attention, config_from_dict, dense
 
 __all__ = ["CLIPTextConfig", "CLIPTextModel", "load_tokenizer", "HIDDEN_ACTS"]
 
@@ -90,18 +90,7 @@ class CLIPTextConfig:
                              f"config (model_type 'clip_text_model')")
         if cfg.pop("pruned_heads", None):
             raise ValueError(f"{source}: pruned attention heads are not supported")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kw: dict[str, Any] = {}
-        for k, v in cfg.items():
-            if k.startswith("_") or k in _IGNORED:
-                continue
-            if k not in fields:
-                raise ValueError(f"{source}: unknown CLIPTextModel config key {k!r}")
-            kw[k] = v
-        try:
-            return cls(**kw)
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
+        return config_from_dict(cls, cfg, source=source, what="CLIPTextModel", ignored=_IGNORED)
 
     def to_transformers(self) -> dict:
         """The transformers ``CLIPTextConfig`` kwargs computing the same function."""

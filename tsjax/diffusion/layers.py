@@ -13,9 +13,10 @@ Conventions (all modules of ``tsjax.diffusion``):
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -26,9 +27,53 @@ Dtype = Any
 
 __all__ = ["ATTENTION_IMPLS", "attention", "timestep_embedding", "group_norm", "LayerNorm", "Attention",
            "FeedForward", "BasicTransformerBlock", "Transformer2D", "ResnetBlock2D", "Downsample2D",
-           "Upsample2D", "TimestepEmbedding", "dense", "conv"]
+           "Upsample2D", "TimestepEmbedding", "dense", "conv", "config_from_dict"]
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum", "chunked")
+
+
+def _same_default(v: Any, default: Any) -> bool:
+    """``v == default``, with ints and floats compared by value (diffusers writes ``1`` or ``1.0``)."""
+    if isinstance(v, (int, float)) and isinstance(default, (int, float)) and not isinstance(v, bool):
+        return float(v) == float(default)
+    return v == default
+
+
+def config_from_dict(cls: type, cfg: Mapping[str, Any], *, source: str, what: str,
+                     defaults: Mapping[str, Any] | None = None, ignored: frozenset[str] | set[str] = frozenset(),
+                     **extra: Any) -> Any:
+    """Build the frozen config dataclass ``cls`` from a diffusers / transformers ``config.json`` dict.
+
+    The one parsing loop behind ``UNetConfig.from_diffusers``, ``VAEConfig.from_diffusers`` and
+    ``CLIPTextConfig.from_transformers``:
+
+    * keys in ``defaults`` are accepted only at their default (inert) value (ints and floats compared by
+      value) and then dropped; another value raises ``ValueError("{source}: {k}={v!r} is not supported by
+      tsjax's {what} ...")``;
+    * metadata keys (leading ``_``) and keys in ``ignored`` are dropped;
+    * every other key must be a field of ``cls`` (else ``ValueError("{source}: unknown {what} config key
+      ...")``); JSON lists become tuples (the dataclasses are hashable);
+    * ``extra`` keyword arguments are passed to ``cls`` as they are (fields derived by the caller);
+    * a ``ValueError`` from ``cls``'s validation is re-raised prefixed with ``source``.
+    """
+    cfg = dict(cfg)
+    for k, default in (defaults or {}).items():
+        if k in cfg:
+            v = cfg.pop(k)
+            if not _same_default(v, default):
+                raise ValueError(f"{source}: {k}={v!r} is not supported by tsjax's {what} (expected {default!r})")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kw: dict[str, Any] = {}
+    for k, v in cfg.items():
+        if k.startswith("_") or k in ignored:
+            continue
+        if k not in fields or k in extra:
+            raise ValueError(f"{source}: unknown {what} config key {k!r}")
+        kw[k] = tuple(v) if isinstance(v, list) else v
+    try:
+        return cls(**kw, **extra)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
 
 
 def dense(features: int, name: str, dtype: Dtype, use_bias: bool = True) -> nn.Dense:

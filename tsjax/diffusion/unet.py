@@ -24,7 +24,7 @@ import numpy as np
 from flax import traverse_util
 
 from tsjax.diffusion.layers import (Downsample2D, ResnetBlock2D, TimestepEmbedding, Transformer2D, Upsample2D,
-                                    conv, group_norm, timestep_embedding)
+                                    config_from_dict, conv, group_norm, timestep_embedding)
 
 __all__ = ["UNetConfig", "UNet2DConditionModel"]
 
@@ -135,23 +135,10 @@ class UNetConfig:
         elif cet is not None:
             raise ValueError(f"{source}: class_embed_type={cet!r} is not supported (only 'projection', used as "
                              f"the camera embedding)")
-        for k, default in _DIFFUSERS_DEFAULTS.items():
-            if k in cfg:
-                v = cfg.pop(k)
-                if v != default and not (isinstance(v, (int, float)) and isinstance(default, (int, float))
-                                         and float(v) == float(default)):
-                    raise ValueError(f"{source}: {k}={v!r} is not supported by tsjax's UNet (expected {default!r})")
         if isinstance(cfg.get("layers_per_block"), (list, tuple)):
             raise ValueError(f"{source}: per-block layers_per_block={cfg['layers_per_block']} is not supported")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kw: dict[str, Any] = {}
-        for k, v in cfg.items():
-            if k in _IGNORED or k.startswith("_"):
-                continue
-            if k not in fields:
-                raise ValueError(f"{source}: unknown UNet config key {k!r}")
-            kw[k] = tuple(v) if isinstance(v, list) else v
-        return cls(**kw, camera_embed_dim=cam)
+        return config_from_dict(cls, cfg, source=source, what="UNet", defaults=_DIFFUSERS_DEFAULTS,
+                                ignored=_IGNORED, camera_embed_dim=cam)
 
     def to_diffusers(self) -> dict:
         """The diffusers ``UNet2DConditionModel`` config dict computing the same function."""

@@ -23,8 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tsjax.diffusion.layers import (Downsample2D, ResnetBlock2D, Upsample2D, attention, conv, dense,
-                                    group_norm)
+from tsjax.diffusion.layers import (Downsample2D, ResnetBlock2D, Upsample2D, attention, config_from_dict, conv,
+                                    dense, group_norm)
 
 __all__ = ["VAEConfig", "AutoencoderKL", "sample_latent"]
 
@@ -97,25 +97,8 @@ class VAEConfig:
         ``shift_factor`` / ``latents_mean`` / ``latents_std``, which our pipeline would ignore) and unknown
         keys raise ``ValueError`` naming ``source`` and the key; metadata keys (``_...``) are ignored.
         """
-        cfg = dict(cfg)
-        for k, default in _DIFFUSERS_DEFAULTS.items():
-            if k in cfg:
-                v = cfg.pop(k)
-                if v != default:
-                    raise ValueError(f"{source}: {k}={v!r} is not supported by tsjax's AutoencoderKL "
-                                     f"(expected {default!r})")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kw: dict[str, Any] = {}
-        for k, v in cfg.items():
-            if k.startswith("_") or k in _IGNORED:
-                continue
-            if k not in fields:
-                raise ValueError(f"{source}: unknown AutoencoderKL config key {k!r}")
-            kw[k] = tuple(v) if isinstance(v, list) else v
-        try:
-            return cls(**kw)
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
+        return config_from_dict(cls, cfg, source=source, what="AutoencoderKL", defaults=_DIFFUSERS_DEFAULTS,
+                                ignored=_IGNORED)
 
     def to_diffusers(self) -> dict:
         """The diffusers ``AutoencoderKL`` config dict computing the same function."""
