@@ -3,29 +3,32 @@
 // triangle ids, see rasterize.h). The padded pixel box is part of the coverage rule
 // (tsjax.ops.rasterize._triangle_setup), not only an acceleration.
 //
-// Work is split into items (view, row band); one item is owned by one thread, so its depth/id
-// buffer needs no synchronisation and triangles are visited in id order (strict depth test ->
-// equal depths keep the smaller id). With at least as many views as threads every item is a whole
-// view; with fewer views each view is cut into ceil(threads / views) row bands.
+// Work is split into items (group of G views, row band); one item is owned by one thread, so its
+// depth/id buffers need no synchronisation and triangles are visited in id order (strict depth
+// test -> equal depths keep the smaller id). G (4, 2 or 1) is the largest group size that still
+// gives every thread a whole group; with fewer groups than threads each group is cut into
+// ceil(threads / groups) row bands. Results never depend on G, the bands or the thread count.
 //
 // Per item:
-//  1. vertex pass: the inclusive pixel-centre range of every vertex as 4 x int16 (8 bytes; the
-//     NDC division x = cx / w is the reference's). Because ((x + 1) W - 1) / 2, the pad and
-//     ceil/floor are monotone in x, the box of a triangle is the min/max of its corners' ranges,
-//     bit-identical to evaluating the box formula at the triangle's xmin/xmax.
+//  1. vertex pass, per view of the group: the inclusive pixel-centre range of every vertex as
+//     4 x int16 (8 bytes; the NDC division x = cx / w is the reference's), the G views of a vertex
+//     side by side (8 G bytes). Because ((x + 1) W - 1) / 2, the pad and ceil/floor are monotone in
+//     x, the box of a triangle is the min/max of its corners' ranges, bit-identical to evaluating
+//     the box formula at the triangle's xmin/xmax.
 //  2. triangle pass, in chunks of kChunk triangles (id order):
-//     a. filter: the box of each triangle from its three corner records (prefetched: mesh vertex
-//        indices are scattered), clamped to the band; triangles whose box holds a pixel centre are
-//        appended to a small queue without a branch (at 1M triangles on a 512^2 image about two
-//        thirds of the boxes are empty, an unpredictable branch per triangle otherwise);
-//     b. raster: queued triangles four at a time. Their corners are gathered from the clip
-//        positions and divided (the same float32 division as the vertex pass / reference), the
+//     a. filter: the box of each triangle in each view of the group from its three corner records
+//        (one read per corner serves all G views, two views per SSE register; prefetched: mesh
+//        vertex indices are scattered), clamped to the band; triangles whose box holds a pixel
+//        centre are appended to the view's small queue without a branch (at 1M triangles on a
+//        512^2 image about two thirds of the boxes are empty: an unpredictable branch otherwise);
+//     b. raster, per view: queued triangles four at a time. Their corners are gathered from the
+//        clip positions and divided (the same float32 division as the vertex pass / reference); the
 //        validity, area and, for one-pixel boxes (nearly all of them at high triangle counts), the
-//        exact coverage and depth of that pixel are evaluated in SSE lanes, one IEEE operation per
-//        scalar operation of the reference, in the same order. Then, lane by lane in id order, the
-//        depth test; a winner writes its id and perspective-correct (u, v, z/w). Triangles whose
-//        box holds more than one pixel centre take the scalar per-pixel loop at their place in the
-//        id order.
+//        exact coverage, depth and perspective-correct (u, v) of that pixel are evaluated in SSE
+//        lanes, one IEEE operation per scalar operation of the reference, in the same order. Then,
+//        lane by lane in id order and without branches, the depth test; a winner writes its id and
+//        (u, v, z/w). A group holding a triangle whose box has more than one pixel centre goes lane
+//        by lane, that triangle through the scalar per-pixel loop at its place in the id order.
 #include "kernels/rasterize.h"
 
 #include <smmintrin.h>  // SSE4.1 (x86-64-v2)
@@ -105,32 +108,31 @@ void ReturnWorkspace(std::unique_ptr<Workspace> ws) {
 }
 
 // Scalar vertex pass over vertices [v0, v1) (the reference definition of the SSE path below).
-void VertexPassScalar(const float* pos, int64_t v0, int64_t v1, float fw, float fh, Box* box) {
+void VertexPassScalar(const float* pos, int64_t v0, int64_t v1, float fw, float fh, Box* box, int stride) {
   for (int64_t v = v0; v < v1; ++v) {
     const float* q = pos + 4 * v;
     const float w = q[3];
     const float x = q[0] / w, y = q[1] / w;
     const bool good = w > kWEps && std::isfinite(x) && std::isfinite(y);
     if (!good) {
-      box[v] = Box{32767, 1, 32767, 1};
+      box[v * stride] = Box{32767, 1, 32767, 1};
       continue;
     }
     float sx = ((x + 1.0f) * fw - 1.0f) * 0.5f;
     float sy = ((1.0f - y) * fh - 1.0f) * 0.5f;
     sx = std::min(std::max(sx, -kClampPix), kClampPix);
     sy = std::min(std::max(sy, -kClampPix), kClampPix);
-    box[v] = Box{ToI16(std::ceil(sx - kPad)), static_cast<int16_t>(-ToI16(std::floor(sx + kPad))),
+    box[v * stride] = Box{ToI16(std::ceil(sx - kPad)), static_cast<int16_t>(-ToI16(std::floor(sx + kPad))),
                  ToI16(std::ceil(sy - kPad)), static_cast<int16_t>(-ToI16(std::floor(sy + kPad)))};
   }
 }
 
-// Vertex pass of view b: four vertices per step with SSE4.1 (the same IEEE operations as the scalar
+// Vertex pass of view b into box[v * stride] (stride = views per group, see RasterGroupBand): four vertices per step with SSE4.1 (the same IEEE operations as the scalar
 // code, lane by lane: divisions, adds/multiplies in the same order, ceil/floor), the tail in scalar.
-void VertexPass(const RasterParams& p, int64_t b, Workspace* ws) {
+void VertexPass(const RasterParams& p, int64_t b, Box* box, int stride) {
   const int64_t nv = p.num_verts;
   const float* pos = p.pos + b * nv * 4;
   const float fw = static_cast<float>(p.width), fh = static_cast<float>(p.height);
-  Box* box = ws->box.data();
   const int64_t n4 = nv & ~int64_t(3);
   const __m128 one = _mm_set1_ps(1.0f), half = _mm_set1_ps(0.5f), pad = _mm_set1_ps(kPad);
   const __m128 vw = _mm_set1_ps(fw), vh = _mm_set1_ps(fh), eps = _mm_set1_ps(kWEps);
@@ -164,10 +166,18 @@ void VertexPass(const RasterParams& p, int64_t b, Workspace* ws) {
     const __m128i pn = _mm_packs_epi32(nj1, ni1);  // -j1[0..3], -i1[0..3]
     const __m128i lo = _mm_unpacklo_epi16(pj, pn);  // (j0, -j1) per vertex
     const __m128i hi = _mm_unpackhi_epi16(pj, pn);  // (i0, -i1) per vertex
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(box + v), _mm_unpacklo_epi32(lo, hi));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(box + v + 2), _mm_unpackhi_epi32(lo, hi));
+    const __m128i r01 = _mm_unpacklo_epi32(lo, hi), r23 = _mm_unpackhi_epi32(lo, hi);
+    if (stride == 1) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(box + v), r01);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(box + v + 2), r23);
+    } else {
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(box + v * stride), r01);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(box + (v + 1) * stride), _mm_unpackhi_epi64(r01, r01));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(box + (v + 2) * stride), r23);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(box + (v + 3) * stride), _mm_unpackhi_epi64(r23, r23));
+    }
   }
-  VertexPassScalar(pos, n4, nv, fw, fh, box);
+  VertexPassScalar(pos, n4, nv, fw, fh, box, stride);
 }
 
 // NDC (x, y, z) of one clip vertex and its validity, exactly as in the vertex pass / reference.
@@ -292,80 +302,147 @@ void RasterGroup(const BandCtx& c, const Entry* e, int n) {
                                 _mm_and_ps(_mm_cmpge_ps(b2, zero),
                                            _mm_and_ps(_mm_cmpge_ps(zz, mone), _mm_cmple_ps(zz, one))));
   const int covm = _mm_movemask_ps(cov);
-  alignas(16) float fb0[4], fb1[4], fb2[4], fz[4], fw0[4], fw1[4], fw2[4];
-  _mm_store_ps(fb0, b0);
-  _mm_store_ps(fb1, b1);
-  _mm_store_ps(fb2, b2);
-  _mm_store_ps(fz, zz);
-  _mm_store_ps(fw0, cw[0]);
-  _mm_store_ps(fw1, cw[1]);
-  _mm_store_ps(fw2, cw[2]);
-  for (int m = okm; m; m &= m - 1) {
-    const int l = __builtin_ctz(m);
-    const Entry& el = e[l];
-    const int j0 = el.s.j0, j1 = -el.s.nj1, i0 = el.s.i0, i1 = -el.s.ni1;
-    if (j0 == j1 && i0 == i1) {
-      if ((covm >> l) & 1)
-        Resolve(c, int64_t(i0) * c.w + j0, el.s.f + 1, fb0[l], fb1[l], fb2[l], fz[l], fw0[l], fw1[l], fw2[l]);
-    } else {
-      RasterTriangle(c, el.s.f, j0, j1, i0, i1);
+  int single = 0;  // lanes whose box holds exactly one pixel centre
+  for (int l = 0; l < 4; ++l) single |= ((e[l].s.j0 + e[l].s.nj1 == 0) & (e[l].s.i0 + e[l].s.ni1 == 0)) << l;
+  if (okm & ~single) {  // a triangle with a larger box: lane by lane in id order, scalar loop for those
+    alignas(16) float fb0[4], fb1[4], fb2[4], fz[4], fw0[4], fw1[4], fw2[4];
+    _mm_store_ps(fb0, b0);
+    _mm_store_ps(fb1, b1);
+    _mm_store_ps(fb2, b2);
+    _mm_store_ps(fz, zz);
+    _mm_store_ps(fw0, cw[0]);
+    _mm_store_ps(fw1, cw[1]);
+    _mm_store_ps(fw2, cw[2]);
+    for (int m = okm; m; m &= m - 1) {
+      const int l = __builtin_ctz(m);
+      const Entry& el = e[l];
+      const int j0 = el.s.j0, j1 = -el.s.nj1, i0 = el.s.i0, i1 = -el.s.ni1;
+      if ((single >> l) & 1) {
+        if ((covm >> l) & 1)
+          Resolve(c, int64_t(i0) * c.w + j0, el.s.f + 1, fb0[l], fb1[l], fb2[l], fz[l], fw0[l], fw1[l], fw2[l]);
+      } else {
+        RasterTriangle(c, el.s.f, j0, j1, i0, i1);
+      }
     }
+    return;
+  }
+  const int hit = okm & covm;
+  if (!hit) return;
+  // all one-pixel: perspective-correct (u, v) of every lane (Resolve's operations), then the depth
+  // tests lane by lane in id order without branches (two lanes may share a pixel)
+  const __m128 q0 = _mm_div_ps(b0, cw[0]), q1 = _mm_div_ps(b1, cw[1]), q2 = _mm_div_ps(b2, cw[2]);
+  __m128 den = _mm_add_ps(_mm_add_ps(q0, q1), q2);
+  den = _mm_blendv_ps(one, den, _mm_cmpgt_ps(_mm_and_ps(den, absmask), _mm_set1_ps(1e-20f)));
+  alignas(16) float fu[4], fv[4], fz[4];
+  _mm_store_ps(fu, _mm_div_ps(q0, den));
+  _mm_store_ps(fv, _mm_div_ps(q1, den));
+  _mm_store_ps(fz, zz);
+  for (int l = 0; l < 4; ++l) {
+    const int64_t k = int64_t(e[l].s.i0) * c.w + e[l].s.j0;
+    const bool win = ((hit >> l) & 1) & (fz[l] < c.zb[k]);
+    c.zb[k] = win ? fz[l] : c.zb[k];
+    c.ids[k] = win ? e[l].s.f + 1 : c.ids[k];
+    float* o = c.bary + 3 * k;
+    o[0] = win ? fu[l] : o[0];
+    o[1] = win ? fv[l] : o[1];
+    o[2] = win ? fz[l] : o[2];
   }
 }
 
-// Rasterize rows [row0, row1) of view b into ids (id + 1) and bary with the depth buffer ws->zbuf.
-void RasterBand(const RasterParams& p, int64_t b, int row0, int row1, Workspace* ws) {
+// Rasterize rows [row0, row1) of the G views b0 .. b0 + G - 1 (G in {1, 2, 4}; views >= p.batch
+// are absent: their slots hold neutral boxes, so nothing of them is queued) into ids (id + 1) and
+// bary. ws->box holds the G views' vertex boxes interleaved, box[v * G + g], so the filter reads
+// every corner once for all G views (one 8 G-byte record instead of G scattered cache lines) and
+// handles two views per SSE register.
+template <int G>
+void RasterGroupBand(const RasterParams& p, int64_t b0, int row0, int row1, Workspace* ws) {
   const int h = p.height, w = p.width;
-  int32_t* ids = p.ids + b * int64_t(h) * w;
-  float* bary = p.bary + b * int64_t(h) * w * 3;
-  float* zb = ws->zbuf.data() - int64_t(row0) * w;  // indexed by absolute row
-  std::fill(zb + int64_t(row0) * w, zb + int64_t(row1) * w, std::numeric_limits<float>::infinity());
-  std::fill(ids + int64_t(row0) * w, ids + int64_t(row1) * w, 0);
-  std::fill(bary + int64_t(row0) * w * 3, bary + int64_t(row1) * w * 3, 0.0f);
-  const BandCtx ctx{p.pos + b * p.num_verts * 4, p.tris, ws->px.data(), ws->py.data(), zb, ids, bary, w};
+  const int nviews = static_cast<int>(std::min<int64_t>(G, p.batch - b0));
+  BandCtx ctx[G];
+  Entry* q[G];
+  for (int g = 0; g < G; ++g) {
+    q[g] = ws->queue.data() + g * (kChunk + 4);
+    if (g >= nviews) continue;
+    const int64_t b = b0 + g;
+    int32_t* ids = p.ids + b * int64_t(h) * w;
+    float* bary = p.bary + b * int64_t(h) * w * 3;
+    float* zb = ws->zbuf.data() + int64_t(g) * (row1 - row0) * w - int64_t(row0) * w;  // absolute rows
+    std::fill(zb + int64_t(row0) * w, zb + int64_t(row1) * w, std::numeric_limits<float>::infinity());
+    std::fill(ids + int64_t(row0) * w, ids + int64_t(row1) * w, 0);
+    std::fill(bary + int64_t(row0) * w * 3, bary + int64_t(row1) * w * 3, 0.0f);
+    ctx[g] = BandCtx{p.pos + b * p.num_verts * 4, p.tris, ws->px.data(), ws->py.data(), zb, ids, bary, w};
+  }
   const Box* box = ws->box.data();
-  Entry* q = ws->queue.data();
   const int r1 = row1 - 1, wm1 = w - 1;
-  constexpr int64_t kPrefetch = 32;
+  constexpr int64_t kPrefetch = 64;     // filter: triangles ahead
+  constexpr int kAheadCorners = 24;      // raster: queue entries ahead (corner records)
+  constexpr int kAheadPixels = 12;       // raster: queue entries ahead (depth/output lines)
   const int64_t nf = p.num_tris;
   const __m128i lim = _mm_setr_epi16(0, static_cast<int16_t>(-wm1), static_cast<int16_t>(row0),
-                                     static_cast<int16_t>(-r1), 0, 0, 0, 0);
+                                     static_cast<int16_t>(-r1), 0, static_cast<int16_t>(-wm1),
+                                     static_cast<int16_t>(row0), static_cast<int16_t>(-r1));
   const __m128i zero = _mm_setzero_si128();
+  constexpr int kRegs = G == 1 ? 1 : G / 2;  // SSE registers per corner record
+  auto load = [&](int32_t v, int r) {
+    const __m128i* ptr = reinterpret_cast<const __m128i*>(box + int64_t(v) * G + 2 * r);
+    return G == 1 ? _mm_loadl_epi64(ptr) : _mm_loadu_si128(ptr);
+  };
   for (int64_t c0 = 0; c0 < nf; c0 += kChunk) {
     const int64_t c1 = std::min(nf, c0 + kChunk);
     // a. filter (no branch on the outcome: the entry is always written, the count advances by keep)
-    int n = 0;
+    int n[G] = {};
     const int32_t* tv = p.tris + 3 * c0;
     for (int64_t f = c0; f < c1; ++f, tv += 3) {
       if (f + kPrefetch < nf) {
         const int32_t* tp = tv + 3 * kPrefetch;
-        __builtin_prefetch(box + tp[0]);
-        __builtin_prefetch(box + tp[1]);
-        __builtin_prefetch(box + tp[2]);
+        __builtin_prefetch(box + int64_t(tp[0]) * G);
+        __builtin_prefetch(box + int64_t(tp[1]) * G);
+        __builtin_prefetch(box + int64_t(tp[2]) * G);
       }
-      // box = lane-wise min of the corners' (j0, -j1, i0, -i1), clamped to the band; empty unless
-      // j0 + (-j1) <= 0 and i0 + (-i1) <= 0 (saturating adds: no wrap-around)
-      __m128i m = _mm_min_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(box + tv[0])),
-                                _mm_loadl_epi64(reinterpret_cast<const __m128i*>(box + tv[1])));
-      m = _mm_max_epi16(_mm_min_epi16(m, _mm_loadl_epi64(reinterpret_cast<const __m128i*>(box + tv[2]))), lim);
-      const __m128i sum = _mm_adds_epi16(m, _mm_shufflelo_epi16(m, _MM_SHUFFLE(2, 3, 0, 1)));
-      const int empty = _mm_movemask_epi8(_mm_cmpgt_epi16(sum, zero)) & 0x33;
-      _mm_storeu_si128(&q[n].v, _mm_insert_epi32(m, static_cast<int32_t>(f), 3));
-      n += (empty == 0);
-    }
-    if (n == 0) continue;
-    // b. raster, four queued triangles at a time; the last group is padded with its last entry
-    for (int k = n; k < ((n + 3) & ~3); ++k) q[k] = q[n - 1];
-    for (int k = 0; k < n; k += 4) {
-      if (k + 8 < n) {  // corners of the group after next
-        for (int l = 0; l < 4; ++l) {
-          const int32_t* t = p.tris + 3 * int64_t(q[k + 8 + l].s.f);
-          __builtin_prefetch(ctx.pos + 4 * int64_t(t[0]));
-          __builtin_prefetch(ctx.pos + 4 * int64_t(t[1]));
-          __builtin_prefetch(ctx.pos + 4 * int64_t(t[2]));
+      for (int r = 0; r < kRegs; ++r) {
+        // box = lane-wise min of the corners' (j0, -j1, i0, -i1), clamped to the band; empty unless
+        // j0 + (-j1) <= 0 and i0 + (-i1) <= 0 (saturating adds: no wrap-around); two views per register
+        __m128i m = _mm_min_epi16(load(tv[0], r), load(tv[1], r));
+        m = _mm_max_epi16(_mm_min_epi16(m, load(tv[2], r)), lim);
+        const __m128i sum = _mm_adds_epi16(
+            m, _mm_shufflehi_epi16(_mm_shufflelo_epi16(m, _MM_SHUFFLE(2, 3, 0, 1)), _MM_SHUFFLE(2, 3, 0, 1)));
+        const int nonempty = ~_mm_movemask_epi8(_mm_cmpgt_epi16(sum, zero));
+        const int g0 = 2 * r;
+        _mm_storeu_si128(&q[g0][n[g0]].v, _mm_insert_epi32(m, static_cast<int32_t>(f), 3));
+        n[g0] += (nonempty & 0x33) == 0x33;
+        if (G > 1) {
+          const int g1 = 2 * r + 1;
+          _mm_storeu_si128(&q[g1][n[g1]].v, _mm_insert_epi32(_mm_unpackhi_epi64(m, m), static_cast<int32_t>(f), 3));
+          n[g1] += (nonempty & 0x3300) == 0x3300;
         }
       }
-      RasterGroup(ctx, q + k, std::min(4, n - k));
+    }
+    // b. raster, per view four queued triangles at a time; the last group is padded with its last entry
+    for (int g = 0; g < nviews; ++g) {
+      const int ng = n[g];
+      if (ng == 0) continue;
+      Entry* qg = q[g];
+      const BandCtx& cg = ctx[g];
+      for (int k = ng; k < ((ng + 3) & ~3); ++k) qg[k] = qg[ng - 1];
+      for (int k = 0; k < ng; k += 4) {
+        if (k + kAheadCorners < ng) {  // corners of a group ahead
+          for (int l = 0; l < 4; ++l) {
+            const int32_t* t = p.tris + 3 * int64_t(qg[k + kAheadCorners + l].s.f);
+            __builtin_prefetch(cg.pos + 4 * int64_t(t[0]));
+            __builtin_prefetch(cg.pos + 4 * int64_t(t[1]));
+            __builtin_prefetch(cg.pos + 4 * int64_t(t[2]));
+          }
+        }
+        if (k + kAheadPixels < ng) {  // depth-buffer / output lines of a group ahead
+          for (int l = 0; l < 4; ++l) {
+            const int64_t px = int64_t(qg[k + kAheadPixels + l].s.i0) * w + qg[k + kAheadPixels + l].s.j0;
+            __builtin_prefetch(cg.zb + px, 1);
+            __builtin_prefetch(cg.ids + px, 1);
+            __builtin_prefetch(cg.bary + 3 * px, 1);
+          }
+        }
+        RasterGroup(cg, qg + k, std::min(4, ng - k));
+      }
     }
   }
 }
@@ -376,16 +453,20 @@ void RasterizeCpu(const RasterParams& p, int num_threads) {
   if (num_threads <= 0) num_threads = std::max(1u, std::thread::hardware_concurrency());
   const int h = p.height;
   if (p.batch <= 0 || h <= 0 || p.width <= 0) return;
-  // Row bands per view: 1 when there are enough views to keep every thread busy.
-  const int64_t per_view = std::max<int64_t>(1, std::min<int64_t>(h, (num_threads + p.batch - 1) / p.batch));
-  const int band = static_cast<int>((h + per_view - 1) / per_view);
+  // Views per group: as many (4, 2 or 1) as every thread still gets a whole group.
+  const int64_t per_thread = std::max<int64_t>(1, p.batch / num_threads);
+  const int G = per_thread >= 4 ? 4 : per_thread >= 2 ? 2 : 1;
+  const int64_t groups = (p.batch + G - 1) / G;
+  // Row bands per group: 1 when there are enough groups to keep every thread busy.
+  const int64_t per_group = std::max<int64_t>(1, std::min<int64_t>(h, (num_threads + groups - 1) / groups));
+  const int band = static_cast<int>((h + per_group - 1) / per_group);
   const int64_t nbands = (h + band - 1) / band;
-  const int64_t items = p.batch * nbands;
+  const int64_t items = groups * nbands;
   const int nt = static_cast<int>(std::min<int64_t>(num_threads, items));
   std::atomic<int64_t> next{0};
   auto worker = [&] {
     std::unique_ptr<Workspace> ws = TakeWorkspace();
-    ws->box.resize(p.num_verts);
+    ws->box.resize(p.num_verts * G);
     if (ws->h != h || ws->w != p.width) {
       ws->px.resize(p.width);
       ws->py.resize(h);
@@ -394,18 +475,31 @@ void RasterizeCpu(const RasterParams& p, int num_threads) {
       ws->h = h;
       ws->w = p.width;
     }
-    ws->zbuf.resize(int64_t(band) * p.width);
-    ws->queue.resize(kChunk + 4);
-    int64_t have = -1;  // view whose vertex pass is in ws
+    ws->zbuf.resize(int64_t(G) * band * p.width);
+    ws->queue.resize(G * (kChunk + 4));
+    int64_t have = -1;  // group whose vertex pass is in ws
     for (int64_t it = next++; it < items; it = next++) {
-      const int64_t b = it / nbands;
+      const int64_t grp = it / nbands;
       const int r0 = static_cast<int>(it % nbands) * band;
       const int r1 = std::min(h, r0 + band);
-      if (have != b) {
-        VertexPass(p, b, ws.get());
-        have = b;
+      const int64_t b0 = grp * G;
+      if (have != grp) {
+        for (int g = 0; g < G; ++g) {
+          if (b0 + g < p.batch) {
+            VertexPass(p, b0 + g, ws->box.data() + g, G);
+          } else {  // absent view of a partial group: neutral boxes, never queued
+            for (int64_t v = 0; v < p.num_verts; ++v) ws->box[v * G + g] = Box{32767, 1, 32767, 1};
+          }
+        }
+        have = grp;
       }
-      RasterBand(p, b, r0, r1, ws.get());
+      if (G == 4) {
+        RasterGroupBand<4>(p, b0, r0, r1, ws.get());
+      } else if (G == 2) {
+        RasterGroupBand<2>(p, b0, r0, r1, ws.get());
+      } else {
+        RasterGroupBand<1>(p, b0, r0, r1, ws.get());
+      }
     }
     ReturnWorkspace(std::move(ws));
   };
