@@ -1,7 +1,7 @@
 """Rasterizer benchmark: FFI kernel vs pure-JAX reference vs trimesh+embree ray casting.
 
 Prints one JSON object per measurement (stdout). Usage:
-  python bench/raster.py [--views 8] [--res 512] [--repeats 5] [--sizes 100k,1m]
+  python bench/raster.py [--views 8] [--res 512] [--repeats 5] [--sizes 100k,1m] [--threads 1,auto]
 
 Meshes are icospheres (subdivision 6 = 81,920 triangles, 8 = 1,310,720 triangles) seen from orbit
 cameras. Times are seconds; ``compile_s`` is the first call (trace + compile + run), ``median_s`` /
@@ -10,6 +10,13 @@ centres (one ray per pixel). On a shared machine compare the ratios, which are m
 (FFI and embree alternate call by call, as do render forward and forward+backward) and taken from
 the minimum times (``*_min``) and from the medians. ``render`` = rasterize + interpolate vertex
 colours + mean-squared loss; ``render_aa`` adds ``tsjax.ops.antialias`` before the loss.
+
+Threads: embree ray casting (trimesh -> embreex ``rtcIntersect1`` per ray) runs on ONE thread (its BVH
+build, timed separately, may use more). The FFI kernel is timed for every ``--threads`` setting
+(``TSJAX_RASTER_THREADS``; ``auto`` = all hardware threads), all interleaved with embree call by call,
+so ``ffi_ids`` with ``threads: 1`` is the like-for-like comparison. ``cpu_*`` fields are process CPU
+seconds of the call (all threads), less sensitive to other jobs on a shared machine than wall time.
+The ``machine`` record states the load average before the run; ``load_after`` records it after.
 """
 from __future__ import annotations
 
@@ -36,6 +43,21 @@ def emit(**kw):
     print(json.dumps(kw), flush=True)
 
 
+def _set_threads(t):
+    """TSJAX_RASTER_THREADS for the next kernel calls (read by the FFI handler at each call)."""
+    if t == "auto":
+        os.environ.pop("TSJAX_RASTER_THREADS", None)
+    else:
+        os.environ["TSJAX_RASTER_THREADS"] = t
+
+
+def _clock(fn):
+    """(wall s, process CPU s, result) of one blocking call."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    out = jax.block_until_ready(fn())
+    return time.perf_counter() - t0, time.process_time() - c0, out
+
+
 def timed(fn, repeats):
     t0 = time.perf_counter()
     jax.block_until_ready(fn())
@@ -55,12 +77,20 @@ def main():
     ap.add_argument("--res", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sizes", default="100k,1m")
+    ap.add_argument("--threads", default="1,auto",
+                    help="comma-separated FFI kernel thread counts to time (TSJAX_RASTER_THREADS; auto = all)")
     ap.add_argument("--ref-budget", type=float, default=60.0,
                     help="skip the pure-JAX reference when its estimated time exceeds this (s)")
     a = ap.parse_args()
+    thread_opts = [t.strip() for t in a.threads.split(",") if t.strip()]
+    for t in thread_opts:
+        if t != "auto" and not (t.isdigit() and int(t) > 0):
+            ap.error(f"--threads: {t!r} is not a positive integer or 'auto'")
+    user_threads = os.environ.get("TSJAX_RASTER_THREADS")
     emit(kind="machine", cpu_count=os.cpu_count(), platform=platform.platform(), processor=platform.processor(),
          jax=jax.__version__, backend=jax.default_backend(), ffi_available=_ffi.available(),
-         raster_threads=os.environ.get("TSJAX_RASTER_THREADS", "auto"))
+         ffi_threads=thread_opts, auto_threads=os.cpu_count(), embree_threads=1,
+         render_threads=user_threads or "auto", load_avg_1_5_15=list(os.getloadavg()))
     b, res = a.views, (a.res, a.res)
     az = jnp.linspace(0.0, 315.0, b)
     cams = C.make_cameras(jnp.where(jnp.arange(b) % 2 == 0, 0.0, 20.0), az, 1.6, fovy=50.0)
@@ -107,24 +137,34 @@ def main():
             d = (p[:, :3] / p[:, 3:]) @ c2w[v, :3, :3].T
             d /= np.linalg.norm(d, axis=1, keepdims=True)
             rays.append((np.broadcast_to(c2w[v, :3, 3], d.shape).copy(), d))
-        t_ffi, t_emb = [], []
-        hits = None
-        for _ in range(a.repeats):  # interleaved: both see the same machine load
-            t0 = time.perf_counter()
-            ids = jax.block_until_ready(ffi_fn(pc))
-            t_ffi.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
+        t_ffi = {t: ([], []) for t in thread_opts}  # thread setting -> (wall, cpu)
+        t_emb, c_emb = [], []
+        hits = ids = None
+        for _ in range(a.repeats):  # interleaved: FFI (each thread setting) and embree see the same load
+            for t in thread_opts:
+                _set_threads(t)
+                wall, cpu, ids = _clock(lambda: ffi_fn(pc))
+                t_ffi[t][0].append(wall)
+                t_ffi[t][1].append(cpu)
+            c0, t0 = time.process_time(), time.perf_counter()
             hits = [m.ray.intersects_first(o, d) for o, d in rays]
             t_emb.append(time.perf_counter() - t0)
+            c_emb.append(time.process_time() - c0)
+        _set_threads(user_threads or "auto")
         ids = np.asarray(ids).reshape(b, -1).astype(np.int64) - 1
         hit = np.stack(hits)
         cov = (ids >= 0) | (hit >= 0)
-        emit(kind="ffi_ids", **common, compile_s=ffi_compile, median_s=statistics.median(t_ffi), min_s=min(t_ffi),
-             per_frame_s=statistics.median(t_ffi) / b, per_frame_min_s=min(t_ffi) / b)
-        emit(kind="embree_ray_cast", **common, bvh_build_s=bvh, median_s=statistics.median(t_emb), min_s=min(t_emb),
-             per_frame_s=statistics.median(t_emb) / b, per_frame_min_s=min(t_emb) / b,
-             agreement_with_ffi=float((ids[cov] == hit[cov]).mean()),
-             ffi_speedup=statistics.median(t_emb) / statistics.median(t_ffi), ffi_speedup_min=min(t_emb) / min(t_ffi))
+        emb_med, emb_min = statistics.median(t_emb), min(t_emb)
+        for t, (tw, tc) in t_ffi.items():
+            med, mn = statistics.median(tw), min(tw)
+            emit(kind="ffi_ids", **common, threads=t, compile_s=ffi_compile, median_s=med, min_s=mn,
+                 per_frame_s=med / b, per_frame_min_s=mn / b, cpu_median_s=statistics.median(tc), cpu_min_s=min(tc),
+                 speedup_vs_embree=emb_med / med, speedup_vs_embree_min=emb_min / mn,
+                 cpu_speedup_vs_embree_min=min(c_emb) / min(tc))
+        emit(kind="embree_ray_cast", **common, threads=1, bvh_build_s=bvh, median_s=emb_med, min_s=emb_min,
+             per_frame_s=emb_med / b, per_frame_min_s=emb_min / b, cpu_median_s=statistics.median(c_emb),
+             cpu_min_s=min(c_emb), agreement_with_ffi=float((ids[cov] == hit[cov]).mean()),
+             load_after=list(os.getloadavg()))
 
         # forward vs forward+backward of a render (rasterize + interpolate colours + loss)
         colors = jnp.asarray(np.asarray(m.vertices) * 0.5 + 0.5, jnp.float32)
