@@ -29,6 +29,8 @@ SD1 = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=37, num_hidden_la
 # SD2.x-like (OpenCLIP ViT-H text tower: gelu) with a post-#24773 eos id (pooled at the first eos).
 SD2 = dict(SD1, hidden_act="gelu", num_hidden_layers=3, bos_token_id=VOCAB - 2, eos_token_id=VOCAB - 1,
            layer_norm_eps=1e-6)
+# tanh-approximate GELU (some CLIP towers scored by tsjax.metrics.clip, which shares this module).
+TANH = dict(SD2, hidden_act="gelu_pytorch_tanh", num_hidden_layers=1)
 
 
 def _make(tmp_path, cfg, seed):
@@ -52,7 +54,7 @@ def _ids(seed, lengths, bos, eos, pad):
     return np.array(rows, np.int64)
 
 
-@pytest.mark.parametrize("name,cfg", [("sd1", SD1), ("sd2", SD2)])
+@pytest.mark.parametrize("name,cfg", [("sd1", SD1), ("sd2", SD2), ("tanh", TANH)])
 def test_clip_text_matches_transformers(tmp_path, name, cfg):
     m, tcfg, params = _make(tmp_path, cfg, seed=len(name))
     assert tcfg.hidden_act == cfg["hidden_act"] and tcfg.eos_token_id == cfg["eos_token_id"]

@@ -24,9 +24,9 @@ import jax.numpy as jnp
 
 from tsjax.diffusion.layers import LayerNorm, attention, config_from_dict, dense
 
-__all__ = ["CLIPTextConfig", "CLIPTextModel", "load_tokenizer", "HIDDEN_ACTS"]
+__all__ = ["CLIPTextConfig", "CLIPTextModel", "CLIPEncoder", "load_tokenizer", "HIDDEN_ACTS"]
 
-HIDDEN_ACTS = ("quick_gelu", "gelu")
+HIDDEN_ACTS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh")
 
 # Keys of a transformers config.json with no effect on the forward function (training, generation,
 # bookkeeping). Anything else that is not a CLIPTextConfig field is rejected.
@@ -52,7 +52,8 @@ class CLIPTextConfig:
 
     Defaults are OpenAI CLIP ViT-B's text tower. SD 1.x uses ViT-L/14 (hidden 768, 12 layers, 12 heads,
     ``quick_gelu``); SD 2.x uses OpenCLIP ViT-H (hidden 1024, 23 layers, 16 heads, ``gelu``).
-    ``hidden_act``: ``"quick_gelu"`` (``x * sigmoid(1.702 x)``) or ``"gelu"`` (exact erf GELU).
+    ``hidden_act``: ``"quick_gelu"`` (``x * sigmoid(1.702 x)``), ``"gelu"`` (exact erf GELU) or
+    ``"gelu_new"`` / ``"gelu_pytorch_tanh"`` (tanh approximation).
     ``eos_token_id`` selects the pooled position (see the module docstring); ``bos``/``pad`` ids are kept
     for round trips only.
     """
@@ -120,15 +121,19 @@ class CLIPTextConfig:
 def _act(name: str, x):
     if name == "quick_gelu":
         return x * jax.nn.sigmoid(1.702 * x)
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return jax.nn.gelu(x, approximate=True)
     return jax.nn.gelu(x, approximate=False)
 
 
 class _SelfAttention(nn.Module):
-    """``CLIPAttention``: biased q/k/v/out projections, causal (and optional padding) mask. ``[B,L,D]``."""
+    """``CLIPAttention``: biased q/k/v/out projections, causal (text) or full (vision) attention and an
+    optional key-padding mask. ``[B,L,D]``."""
 
     heads: int
     impl: str
     dtype: Any
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x, keep=None):
@@ -138,10 +143,11 @@ class _SelfAttention(nn.Module):
         k = dense(d, "k_proj", self.dtype)(x).reshape(b, n, self.heads, hd)
         v = dense(d, "v_proj", self.dtype)(x).reshape(b, n, self.heads, hd)
         if keep is None:
-            o = attention(q, k, v, impl=self.impl, is_causal=True)
-        else:  # causal AND key-padding mask; a row with no visible key gets uniform weights (finite)
+            o = attention(q, k, v, impl=self.impl, is_causal=self.causal)
+        else:  # (causal AND) key-padding mask; a row with no visible key gets uniform weights (finite)
             logits = jnp.einsum("bnhd,bmhd->bhnm", q, k).astype(jnp.float32) / math.sqrt(hd)
-            mask = jnp.tril(jnp.ones((n, n), bool))[None, None] & keep[:, None, None, :]
+            vis = jnp.tril(jnp.ones((n, n), bool)) if self.causal else jnp.ones((n, n), bool)
+            mask = vis[None, None] & keep[:, None, None, :]
             logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
             o = jnp.einsum("bhnm,bmhd->bnhd", jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
         return dense(d, "out_proj", self.dtype)(o.reshape(b, n, d))
@@ -159,28 +165,39 @@ class _MLP(nn.Module):
 
 
 class _EncoderLayer(nn.Module):
-    cfg: CLIPTextConfig
+    cfg: Any
     impl: str
     dtype: Any
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x, keep=None):
         c, dt = self.cfg, self.dtype
-        x = x + _SelfAttention(c.num_attention_heads, self.impl, dt, name="self_attn")(
+        x = x + _SelfAttention(c.num_attention_heads, self.impl, dt, self.causal, name="self_attn")(
             LayerNorm(c.layer_norm_eps, "layer_norm1", dt)(x), keep)
         return x + _MLP(c.intermediate_size, c.hidden_act, dt, name="mlp")(LayerNorm(c.layer_norm_eps, "layer_norm2",
                                                                                     dt)(x))
 
 
-class _Encoder(nn.Module):
-    cfg: CLIPTextConfig
-    impl: str
-    dtype: Any
+class CLIPEncoder(nn.Module):
+    """transformers ``CLIPEncoder``: ``num_hidden_layers`` pre-LN layers (``layer_norm1`` -> self-attention
+    -> residual, ``layer_norm2`` -> MLP ``fc1``/act/``fc2`` -> residual), params ``layers_{i}/...``.
+
+    ``cfg``: any config with ``num_hidden_layers``, ``num_attention_heads``, ``intermediate_size``,
+    ``hidden_act`` (one of :data:`HIDDEN_ACTS`) and ``layer_norm_eps`` (the text tower's
+    :class:`CLIPTextConfig`, or a vision tower's config). ``causal``: causal self-attention (text tower) or
+    full attention (vision tower). ``apply(x [B, N, D], keep [B, N] bool | None) -> [B, N, D]``.
+    """
+
+    cfg: Any
+    impl: str = "auto"
+    dtype: Any = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x, keep=None):
         for i in range(self.cfg.num_hidden_layers):
-            x = _EncoderLayer(self.cfg, self.impl, self.dtype, name=f"layers_{i}")(x, keep)
+            x = _EncoderLayer(self.cfg, self.impl, self.dtype, self.causal, name=f"layers_{i}")(x, keep)
         return x
 
 
@@ -224,7 +241,7 @@ class CLIPTextModel(nn.Module):
         input_ids = input_ids.astype(jnp.int32)
         keep = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         x = _Embeddings(c, dt, name="embeddings")(input_ids)
-        x = _Encoder(c, self.attention_impl, dt, name="encoder")(x, keep)
+        x = CLIPEncoder(c, self.attention_impl, dt, name="encoder")(x, keep)
         x = LayerNorm(c.layer_norm_eps, "final_layer_norm", dt)(x)
         if c.eos_token_id == 2:  # legacy configs: the end-of-text token has the largest id
             pos = jnp.argmax(input_ids, axis=-1)

@@ -5,9 +5,11 @@ Architecture (as transformers' ``CLIPModel``): the vision tower embeds p x p pat
 convolution, prepends ``class_embedding``, adds learned position embeddings, applies ``pre_layrnorm``,
 then pre-LN transformer layers (``layer_norm1`` -> multi-head self-attention -> residual,
 ``layer_norm2`` -> MLP fc1/act/fc2 -> residual); the pooled output is ``post_layernorm`` of the class
-token and ``visual_projection`` (no bias) maps it to the joint space. The text tower uses token +
-position embeddings, the same layers with a causal mask, ``final_layer_norm``, pools the hidden state
-at the end-of-text token, and ``text_projection`` maps it to the joint space.
+token and ``visual_projection`` (no bias) maps it to the joint space. The text tower is the diffusion
+stack's :class:`tsjax.diffusion.clip_text.CLIPTextModel` (token + position embeddings, the same layers with
+a causal mask, ``final_layer_norm``, hidden state pooled at the end-of-text token), and
+``text_projection`` maps its pooled output to the joint space. Both towers share
+:class:`tsjax.diffusion.clip_text.CLIPEncoder` (causal for text, full attention for vision).
 
 Images are NHWC float32 sRGB in [0, 1]; ``preprocess`` reproduces ``CLIPImageProcessor`` (resize the
 shortest side with bicubic filtering, centre crop, normalise with the CLIP mean/std) in JAX.
@@ -27,13 +29,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tsjax.diffusion.clip_text import HIDDEN_ACTS, CLIPEncoder, CLIPTextConfig, CLIPTextModel
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)
 class CLIPTowerConfig:
-    """One transformer tower (keys as in transformers' CLIPVisionConfig / CLIPTextConfig)."""
+    """The vision tower (keys as in transformers' ``CLIPVisionConfig``). The text tower is
+    :class:`tsjax.diffusion.clip_text.CLIPTextConfig`."""
 
     hidden_size: int = 768
     intermediate_size: int = 3072
@@ -41,14 +46,16 @@ class CLIPTowerConfig:
     num_attention_heads: int = 12
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
-    # vision only
     image_size: int = 224
     patch_size: int = 32
     num_channels: int = 3
-    # text only
-    vocab_size: int = 49408
-    max_position_embeddings: int = 77
-    eos_token_id: int = 49407
+
+    def __post_init__(self):
+        if self.hidden_act not in HIDDEN_ACTS:
+            raise ValueError(f"CLIP vision hidden_act={self.hidden_act!r} is not supported (supported: {HIDDEN_ACTS})")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"CLIP vision hidden_size={self.hidden_size} is not divisible by "
+                             f"num_attention_heads={self.num_attention_heads}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "CLIPTowerConfig":
@@ -56,13 +63,19 @@ class CLIPTowerConfig:
         return cls(**{k: v for k, v in d.items() if k in names and v is not None})
 
 
+def _text_config(d: dict) -> CLIPTextConfig:
+    """The ``text_config`` of a ``CLIPModel`` config.json as the diffusion text encoder's config (keys it
+    does not use, e.g. ``projection_dim`` or generation defaults, are skipped; ``None`` means default)."""
+    names = {f.name for f in fields(CLIPTextConfig)}
+    return CLIPTextConfig(**{k: v for k, v in d.items() if k in names and v is not None})
+
+
 @dataclass(frozen=True)
 class CLIPConfig:
     """transformers ``CLIPConfig``: both towers, the joint-space size and the logit scale init."""
 
     vision: CLIPTowerConfig = field(default_factory=CLIPTowerConfig)
-    text: CLIPTowerConfig = field(default_factory=lambda: CLIPTowerConfig(hidden_size=512, intermediate_size=2048,
-                                                                          num_attention_heads=8))
+    text: CLIPTextConfig = field(default_factory=CLIPTextConfig)
     projection_dim: int = 512
 
     @classmethod
@@ -74,67 +87,11 @@ class CLIPConfig:
             raise FileNotFoundError(f"CLIP config not found: {path}") from None
         if "vision_config" not in d or "text_config" not in d:
             raise ValueError(f"{path}: not a CLIPModel config (needs vision_config and text_config)")
-        return cls(vision=CLIPTowerConfig.from_dict(d["vision_config"]),
-                   text=CLIPTowerConfig.from_dict(d["text_config"]),
-                   projection_dim=int(d.get("projection_dim", 512)))
-
-
-def _act(name: str):
-    if name == "quick_gelu":
-        return lambda x: x * jax.nn.sigmoid(1.702 * x)
-    if name == "gelu":
-        return lambda x: jax.nn.gelu(x, approximate=False)
-    if name in ("gelu_new", "gelu_pytorch_tanh"):
-        return lambda x: jax.nn.gelu(x, approximate=True)
-    raise ValueError(f"unsupported CLIP hidden_act {name!r}")
-
-
-class _Attention(nn.Module):
-    cfg: CLIPTowerConfig
-
-    @nn.compact
-    def __call__(self, x, mask):
-        b, n, d = x.shape
-        h = self.cfg.num_attention_heads
-        hd = d // h
-        q = nn.Dense(d, name="q_proj")(x).reshape(b, n, h, hd) * hd ** -0.5
-        k = nn.Dense(d, name="k_proj")(x).reshape(b, n, h, hd)
-        v = nn.Dense(d, name="v_proj")(x).reshape(b, n, h, hd)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
-        if mask is not None:
-            logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-        w = jax.nn.softmax(logits, axis=-1)
-        out = jnp.einsum("bhqk,bkhd->bqhd", w, v).reshape(b, n, d)
-        return nn.Dense(d, name="out_proj")(out)
-
-
-class _MLP(nn.Module):
-    cfg: CLIPTowerConfig
-
-    @nn.compact
-    def __call__(self, x):
-        x = _act(self.cfg.hidden_act)(nn.Dense(self.cfg.intermediate_size, name="fc1")(x))
-        return nn.Dense(self.cfg.hidden_size, name="fc2")(x)
-
-
-class _Layer(nn.Module):
-    cfg: CLIPTowerConfig
-
-    @nn.compact
-    def __call__(self, x, mask):
-        eps = self.cfg.layer_norm_eps
-        x = x + _Attention(self.cfg, name="self_attn")(nn.LayerNorm(eps, name="layer_norm1")(x), mask)
-        return x + _MLP(self.cfg, name="mlp")(nn.LayerNorm(eps, name="layer_norm2")(x))
-
-
-class _Encoder(nn.Module):
-    cfg: CLIPTowerConfig
-
-    @nn.compact
-    def __call__(self, x, mask=None):
-        for i in range(self.cfg.num_hidden_layers):
-            x = _Layer(self.cfg, name=f"layers_{i}")(x, mask)
-        return x
+        try:
+            return cls(vision=CLIPTowerConfig.from_dict(d["vision_config"]), text=_text_config(d["text_config"]),
+                       projection_dim=int(d.get("projection_dim", 512)))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
 class _VisionEmbeddings(nn.Module):
@@ -156,7 +113,11 @@ class _VisionEmbeddings(nn.Module):
 
 
 class CLIPVisionTransformer(nn.Module):
-    """``apply(params, pixels [B, S, S, 3] normalised, S = image_size) -> (last_hidden [B,N+1,D], pooled [B,D])``."""
+    """``apply(params, pixels [B, S, S, 3] normalised, S = image_size) -> (last_hidden [B,N+1,D], pooled [B,D])``.
+
+    The transformer layers are the diffusion text encoder's :class:`~tsjax.diffusion.clip_text.CLIPEncoder`
+    with full (non-causal) attention.
+    """
 
     cfg: CLIPTowerConfig
 
@@ -167,47 +128,9 @@ class CLIPVisionTransformer(nn.Module):
             raise ValueError(f"CLIP vision input must be {c.image_size}x{c.image_size}, got {pixels.shape}")
         x = _VisionEmbeddings(c, name="embeddings")(pixels)
         x = nn.LayerNorm(c.layer_norm_eps, name="pre_layrnorm")(x)
-        x = _Encoder(c, name="encoder")(x)
+        x = CLIPEncoder(c, causal=False, name="encoder")(x)
         pooled = nn.LayerNorm(c.layer_norm_eps, name="post_layernorm")(x[:, 0])
         return x, pooled
-
-
-class _TextEmbeddings(nn.Module):
-    cfg: CLIPTowerConfig
-
-    @nn.compact
-    def __call__(self, input_ids):
-        c = self.cfg
-        n = input_ids.shape[1]
-        if n > c.max_position_embeddings:
-            raise ValueError(f"CLIP text input has {n} tokens, more than {c.max_position_embeddings}")
-        x = nn.Embed(c.vocab_size, c.hidden_size, name="token_embedding")(input_ids)
-        return x + nn.Embed(c.max_position_embeddings, c.hidden_size, name="position_embedding")(jnp.arange(n))[None]
-
-
-class CLIPTextTransformer(nn.Module):
-    """``apply(params, input_ids [B, L] int32, L <= max_position_embeddings) -> (last_hidden [B,L,D], pooled [B,D])``.
-
-    Causal self-attention; pooled = the hidden state at the first ``eos_token_id`` (at the largest id
-    when ``eos_token_id == 2``, transformers' legacy rule).
-    """
-
-    cfg: CLIPTowerConfig
-
-    @nn.compact
-    def __call__(self, input_ids):
-        c = self.cfg
-        input_ids = jnp.asarray(input_ids, jnp.int32)
-        b, n = input_ids.shape
-        x = _TextEmbeddings(c, name="embeddings")(input_ids)
-        mask = jnp.tril(jnp.ones((n, n), bool))[None, None]
-        x = _Encoder(c, name="encoder")(x, mask)
-        x = nn.LayerNorm(c.layer_norm_eps, name="final_layer_norm")(x)
-        if c.eos_token_id == 2:
-            pos = jnp.argmax(input_ids, axis=-1)
-        else:
-            pos = jnp.argmax((input_ids == c.eos_token_id).astype(jnp.int32), axis=-1)
-        return x, x[jnp.arange(b), pos]
 
 
 class CLIPModel(nn.Module):
@@ -222,7 +145,7 @@ class CLIPModel(nn.Module):
 
     def setup(self):
         self.vision_model = CLIPVisionTransformer(self.cfg.vision)
-        self.text_model = CLIPTextTransformer(self.cfg.text)
+        self.text_model = CLIPTextModel(self.cfg.text)
         self.visual_projection = nn.Dense(self.cfg.projection_dim, use_bias=False)
         self.text_projection = nn.Dense(self.cfg.projection_dim, use_bias=False)
         self.logit_scale = self.param("logit_scale", nn.initializers.constant(np.log(1 / 0.07)), ())
