@@ -33,6 +33,7 @@ import os
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -90,6 +91,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def _is_key(x: Any) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
 def _check_asset_axis(tree: Any, mesh: Mesh) -> int:
     leaves = jax.tree.leaves(tree)
     if not leaves:
@@ -120,7 +125,13 @@ def stack_assets(trees: Sequence[Any]) -> Any:
     """Stack K per-asset pytrees (same structure) into one pytree with a leading asset axis."""
     if not trees:
         raise ValueError("stack_assets needs at least one asset")
-    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
+
+    def stack(*xs):
+        if any(_is_key(x) for x in xs):  # typed PRNG keys cannot go through numpy
+            return jnp.stack(xs)
+        return np.stack([np.asarray(x) for x in xs])
+
+    return jax.tree.map(stack, *trees)
 
 
 def unstack_assets(tree: Any) -> list[Any]:
@@ -128,7 +139,7 @@ def unstack_assets(tree: Any) -> list[Any]:
     leaves, treedef = jax.tree.flatten(tree)
     if not leaves:
         return []
-    host = [np.asarray(x) for x in leaves]
+    host = [x if _is_key(x) else np.asarray(x) for x in leaves]
     return [jax.tree.unflatten(treedef, [x[i] for x in host]) for i in range(host[0].shape[0])]
 
 
@@ -147,18 +158,21 @@ def sharded_asset_step(step: Callable[..., tuple[Any, Any]], mesh: Mesh, *, num_
     Returns:
       A jitted ``multi_step(states, batches, keys, *shared) -> (states, metrics)`` where every
       per-asset argument/result has a leading asset axis of size K (a multiple of the ``asset``
-      axis size), split over devices; ``shared`` arguments are replicated. It compiles once per
-      set of input shapes (the caller keeps shapes static).
+      axis size), split over devices (``P("asset")``); ``shared`` arguments are replicated
+      (``P()``). It compiles once per set of input shapes (the caller keeps shapes static).
+
+    Implementation: ``jax.shard_map`` over the ``asset`` axis of a ``vmap`` of ``step``: every device
+    runs the single-asset program on its own K/N assets (vectorised), so no collective is ever
+    inserted, and custom calls in the step (the native rasterizer's XLA FFI kernels, which the SPMD
+    partitioner cannot split) run locally on each device's shard. On the ``view`` axis the per-asset
+    data are replicated (each view-group device of an asset computes the same asset; see the module
+    docstring).
     """
-    in_axes = (0, 0, 0) + (None,) * num_shared
-    vstep = jax.vmap(step, in_axes=in_axes, out_axes=(0, 0))
-    per_asset, rep = asset_sharding(mesh), replicated(mesh)
-    return jax.jit(
-        vstep,
-        in_shardings=(per_asset, per_asset, per_asset) + (rep,) * num_shared,
-        out_shardings=(per_asset, per_asset),
-        donate_argnums=(0,) if donate_state else (),
-    )
+    vstep = jax.vmap(step, in_axes=(0, 0, 0) + (None,) * num_shared, out_axes=(0, 0))
+    per_asset, rep = P(ASSET), P()
+    local = jax.shard_map(vstep, mesh=mesh, in_specs=(per_asset, per_asset, per_asset) + (rep,) * num_shared,
+                          out_specs=(per_asset, per_asset), check_vma=False)
+    return jax.jit(local, donate_argnums=(0,) if donate_state else ())
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
