@@ -1,4 +1,5 @@
 """Orbax parameter checkpoints (tsjax.diffusion.io) and the tsjax model folder that uses them."""
+import dataclasses
 import json
 
 import jax
@@ -88,9 +89,21 @@ def test_errors_name_checkpoint_parameter_and_shapes(tmp_path):
 def test_model_folder_saves_orbax_and_reads_legacy_msgpack(tmp_path):
     from flax import serialization
 
-    from tsjax.diffusion.sampling import TSJAX_PARAMS_DIR, TSJAX_PARAMS_FILE, load_model, save_model, tiny_model
+    from tsjax.diffusion.clip_text import CLIPTextConfig
+    from tsjax.diffusion.sampling import (TINY_SCHEDULER, TSJAX_PARAMS_DIR, TSJAX_PARAMS_FILE, DiffusionModel,
+                                          _param_template, load_model, save_model, tiny_tokenizer)
+    from tsjax.diffusion.unet import UNetConfig
+    from tsjax.diffusion.vae import VAEConfig
 
-    model = tiny_model(3)
+    # the tiny preset's configs (camera-conditioned UNet) with random values of the right shapes (no slow init)
+    ucfg = UNetConfig.tiny(camera_embed_dim=16)
+    shell = DiffusionModel(ucfg, VAEConfig.tiny(), CLIPTextConfig.tiny(), dict(TINY_SCHEDULER), tiny_tokenizer(),
+                           {}, source="test")
+    rng = np.random.default_rng(3)
+    params = jax.tree_util.tree_map(lambda t: rng.standard_normal(t.shape).astype(np.float32),
+                                    _param_template(shell))
+    assert params["unet"]["conv_in"]["kernel"].shape == (3, 3, 4, 32) and "camera_embedding" in params["unet"]
+    model = dataclasses.replace(shell, params=params)
     out = save_model(model, tmp_path / "m")
     assert is_params_checkpoint(out / TSJAX_PARAMS_DIR) and not (out / TSJAX_PARAMS_FILE).exists()
     back = load_model(str(out))
