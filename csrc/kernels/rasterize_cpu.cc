@@ -28,7 +28,8 @@
 //        lanes, one IEEE operation per scalar operation of the reference, in the same order. Then,
 //        lane by lane in id order and without branches, the depth test; a winner writes its id and
 //        (u, v, z/w). A group holding a triangle whose box has more than one pixel centre goes lane
-//        by lane, that triangle through the scalar per-pixel loop at its place in the id order.
+//        by lane in id order; such a triangle is rasterized four pixels of a row at a time
+//        (RasterBox, the same per-lane operations).
 #include "kernels/rasterize.h"
 
 #include <smmintrin.h>  // SSE4.1 (x86-64-v2)
@@ -82,8 +83,8 @@ constexpr int kChunk = 1024;  // triangles per filter/raster round (queue stays 
 
 struct Workspace {
   std::vector<Box> box;     // [V]
-  std::vector<float> zbuf;  // [rows, W]
-  std::vector<float> px;    // [W] pixel-centre NDC x (PixX), precomputed: no division per pixel
+  std::vector<float> zbuf;  // [G, rows, W] + 4 padding
+  std::vector<float> px;    // [W + 4] pixel-centre NDC x (PixX), precomputed: no division per pixel
   std::vector<float> py;    // [H] pixel-centre NDC y (PixY)
   std::vector<Entry> queue; // [kChunk + 4]
   int h = 0, w = 0;
@@ -180,18 +181,6 @@ void VertexPass(const RasterParams& p, int64_t b, Box* box, int stride) {
   VertexPassScalar(pos, n4, nv, fw, fh, box, stride);
 }
 
-// NDC (x, y, z) of one clip vertex and its validity, exactly as in the vertex pass / reference.
-struct Corner {
-  float x, y, z, w;
-  bool ok;
-};
-inline Corner LoadCorner(const float* q) {
-  const float w = q[3];
-  Corner c{q[0] / w, q[1] / w, q[2] / w, w, false};
-  c.ok = w > kWEps && std::isfinite(c.x) && std::isfinite(c.y);
-  return c;
-}
-
 struct BandCtx {
   const float* pos;  // [V, 4] of this view
   const int32_t* tris;
@@ -219,34 +208,46 @@ inline void Resolve(const BandCtx& c, int64_t k, int32_t id1, float b0, float b1
   }
 }
 
-// Scalar path for one triangle with the (clamped, non-empty) pixel box [j0, j1] x [i0, i1].
-void RasterTriangle(const BandCtx& c, int32_t f, int j0, int j1, int i0, int i1) {
-  const int32_t* t = c.tris + 3 * int64_t(f);
-  const Corner a = LoadCorner(c.pos + 4 * int64_t(t[0]));
-  const Corner bb = LoadCorner(c.pos + 4 * int64_t(t[1]));
-  const Corner d = LoadCorner(c.pos + 4 * int64_t(t[2]));
-  if (!(a.ok & bb.ok & d.ok)) return;
-  const float x0 = a.x, y0 = a.y, z0 = a.z;
-  const float x1 = bb.x, y1 = bb.y, z1 = bb.z;
-  const float x2 = d.x, y2 = d.y, z2 = d.z;
-  // same expression as tsjax.ops.rasterize._screen_bary evaluated at the origin
-  const float area = (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0);
-  if (!(std::fabs(area) > kAreaEps) || !std::isfinite(area)) return;
-  const float inv = 1.0f / area;
-  const int32_t id1 = f + 1;
+// One triangle whose (clamped, non-empty) pixel box [j0, j1] x [i0, i1] holds several pixel
+// centres: four pixels of a row at a time in SSE lanes, one IEEE operation per scalar operation of
+// the reference, in its order (lanes beyond j1 are masked). t = (x0, x1, x2, y0, y1, y2, z0, z1,
+// z2, w0, w1, w2, inv) of the triangle: NDC corners, clip w and 1 / area. Pixels of one triangle
+// are distinct, so their depth tests are independent.
+void RasterBox(const BandCtx& c, int32_t id1, const float* t, int j0, int j1, int i0, int i1) {
+  const __m128 x0 = _mm_set1_ps(t[0]), x1 = _mm_set1_ps(t[1]), x2 = _mm_set1_ps(t[2]);
+  const __m128 y0 = _mm_set1_ps(t[3]), y1 = _mm_set1_ps(t[4]), y2 = _mm_set1_ps(t[5]);
+  const __m128 z0 = _mm_set1_ps(t[6]), z1 = _mm_set1_ps(t[7]), z2 = _mm_set1_ps(t[8]);
+  const __m128 inv = _mm_set1_ps(t[12]);
+  const __m128 one = _mm_set1_ps(1.0f), zero = _mm_setzero_ps(), mone = _mm_set1_ps(-1.0f);
   for (int i = i0; i <= i1; ++i) {
-    const float py = c.pys[i];
-    for (int j = j0; j <= j1; ++j) {
-      const float px = c.pxs[j];
-      const float b0 = ((x1 - px) * (y2 - py) - (y1 - py) * (x2 - px)) * inv;
-      if (!(b0 >= 0.0f)) continue;
-      const float b1 = ((x2 - px) * (y0 - py) - (y2 - py) * (x0 - px)) * inv;
-      if (!(b1 >= 0.0f)) continue;
-      const float b2 = 1.0f - b0 - b1;
-      if (!(b2 >= 0.0f)) continue;
-      const float z = b0 * z0 + b1 * z1 + b2 * z2;
-      if (!(z >= -1.0f && z <= 1.0f)) continue;
-      Resolve(c, int64_t(i) * c.w + j, id1, b0, b1, b2, z, a.w, bb.w, d.w);
+    const __m128 py = _mm_set1_ps(c.pys[i]);
+    for (int j = j0; j <= j1; j += 4) {
+      const __m128 px = _mm_loadu_ps(c.pxs + j);  // pxs is padded: lanes past j1 read finite values
+      const __m128 b0 = _mm_mul_ps(_mm_sub_ps(_mm_mul_ps(_mm_sub_ps(x1, px), _mm_sub_ps(y2, py)),
+                                              _mm_mul_ps(_mm_sub_ps(y1, py), _mm_sub_ps(x2, px))),
+                                   inv);
+      const __m128 b1 = _mm_mul_ps(_mm_sub_ps(_mm_mul_ps(_mm_sub_ps(x2, px), _mm_sub_ps(y0, py)),
+                                              _mm_mul_ps(_mm_sub_ps(y2, py), _mm_sub_ps(x0, px))),
+                                   inv);
+      const __m128 b2 = _mm_sub_ps(_mm_sub_ps(one, b0), b1);
+      const __m128 zz = _mm_add_ps(_mm_add_ps(_mm_mul_ps(b0, z0), _mm_mul_ps(b1, z1)), _mm_mul_ps(b2, z2));
+      const __m128 cov = _mm_and_ps(_mm_and_ps(_mm_cmpge_ps(b0, zero), _mm_cmpge_ps(b1, zero)),
+                                    _mm_and_ps(_mm_cmpge_ps(b2, zero),
+                                               _mm_and_ps(_mm_cmpge_ps(zz, mone), _mm_cmple_ps(zz, one))));
+      const int64_t k = int64_t(i) * c.w + j;
+      // zb is padded too: the 4-wide load never leaves the buffer
+      const int lanes = (1 << std::min(4, j1 - j + 1)) - 1;
+      const int win = _mm_movemask_ps(_mm_and_ps(cov, _mm_cmplt_ps(zz, _mm_loadu_ps(c.zb + k)))) & lanes;
+      if (!win) continue;
+      alignas(16) float fb0[4], fb1[4], fb2[4], fz[4];
+      _mm_store_ps(fb0, b0);
+      _mm_store_ps(fb1, b1);
+      _mm_store_ps(fb2, b2);
+      _mm_store_ps(fz, zz);
+      for (int m = win; m; m &= m - 1) {
+        const int l = __builtin_ctz(m);
+        Resolve(c, k + l, id1, fb0[l], fb1[l], fb2[l], fz[l], t[9], t[10], t[11]);
+      }
     }
   }
 }
@@ -304,24 +305,30 @@ void RasterGroup(const BandCtx& c, const Entry* e, int n) {
   const int covm = _mm_movemask_ps(cov);
   int single = 0;  // lanes whose box holds exactly one pixel centre
   for (int l = 0; l < 4; ++l) single |= ((e[l].s.j0 + e[l].s.nj1 == 0) & (e[l].s.i0 + e[l].s.ni1 == 0)) << l;
-  if (okm & ~single) {  // a triangle with a larger box: lane by lane in id order, scalar loop for those
-    alignas(16) float fb0[4], fb1[4], fb2[4], fz[4], fw0[4], fw1[4], fw2[4];
+  if (okm & ~single) {  // a triangle with a larger box: lane by lane in id order
+    alignas(16) float fb0[4], fb1[4], fb2[4], fz[4], tv[13][4];
     _mm_store_ps(fb0, b0);
     _mm_store_ps(fb1, b1);
     _mm_store_ps(fb2, b2);
     _mm_store_ps(fz, zz);
-    _mm_store_ps(fw0, cw[0]);
-    _mm_store_ps(fw1, cw[1]);
-    _mm_store_ps(fw2, cw[2]);
+    for (int k = 0; k < 3; ++k) {
+      _mm_store_ps(tv[k], x[k]);
+      _mm_store_ps(tv[3 + k], y[k]);
+      _mm_store_ps(tv[6 + k], z[k]);
+      _mm_store_ps(tv[9 + k], cw[k]);
+    }
+    _mm_store_ps(tv[12], inv);
     for (int m = okm; m; m &= m - 1) {
       const int l = __builtin_ctz(m);
       const Entry& el = e[l];
       const int j0 = el.s.j0, j1 = -el.s.nj1, i0 = el.s.i0, i1 = -el.s.ni1;
       if ((single >> l) & 1) {
         if ((covm >> l) & 1)
-          Resolve(c, int64_t(i0) * c.w + j0, el.s.f + 1, fb0[l], fb1[l], fb2[l], fz[l], fw0[l], fw1[l], fw2[l]);
+          Resolve(c, int64_t(i0) * c.w + j0, el.s.f + 1, fb0[l], fb1[l], fb2[l], fz[l], tv[9][l], tv[10][l], tv[11][l]);
       } else {
-        RasterTriangle(c, el.s.f, j0, j1, i0, i1);
+        float t[13];
+        for (int r = 0; r < 13; ++r) t[r] = tv[r][l];
+        RasterBox(c, el.s.f + 1, t, j0, j1, i0, i1);
       }
     }
     return;
@@ -337,15 +344,22 @@ void RasterGroup(const BandCtx& c, const Entry* e, int n) {
   _mm_store_ps(fu, _mm_div_ps(q0, den));
   _mm_store_ps(fv, _mm_div_ps(q1, den));
   _mm_store_ps(fz, zz);
-  for (int l = 0; l < 4; ++l) {
+  typedef uint32_t __attribute__((may_alias)) U32;  // bit views of float buffers
+  alignas(16) uint32_t wz[4];
+  _mm_store_si128(reinterpret_cast<__m128i*>(wz), _mm_castps_si128(zz));
+  const U32* ufu = reinterpret_cast<const U32*>(fu);
+  const U32* ufv = reinterpret_cast<const U32*>(fv);
+  U32* zbu = reinterpret_cast<U32*>(c.zb);
+  U32* bu = reinterpret_cast<U32*>(c.bary);
+  for (int l = 0; l < 4; ++l) {  // bit selects: the compiler emits no branch (winners are random)
     const int64_t k = int64_t(e[l].s.i0) * c.w + e[l].s.j0;
-    const bool win = ((hit >> l) & 1) & (fz[l] < c.zb[k]);
-    c.zb[k] = win ? fz[l] : c.zb[k];
-    c.ids[k] = win ? e[l].s.f + 1 : c.ids[k];
-    float* o = c.bary + 3 * k;
-    o[0] = win ? fu[l] : o[0];
-    o[1] = win ? fv[l] : o[1];
-    o[2] = win ? fz[l] : o[2];
+    const uint32_t win = 0u - static_cast<uint32_t>(((hit >> l) & 1) & (fz[l] < c.zb[k]));
+    zbu[k] ^= (zbu[k] ^ wz[l]) & win;
+    c.ids[k] ^= (c.ids[k] ^ (e[l].s.f + 1)) & static_cast<int32_t>(win);
+    U32* o = bu + 3 * k;
+    o[0] ^= (o[0] ^ ufu[l]) & win;
+    o[1] ^= (o[1] ^ ufv[l]) & win;
+    o[2] ^= (o[2] ^ wz[l]) & win;
   }
 }
 
@@ -468,14 +482,14 @@ void RasterizeCpu(const RasterParams& p, int num_threads) {
     std::unique_ptr<Workspace> ws = TakeWorkspace();
     ws->box.resize(p.num_verts * G);
     if (ws->h != h || ws->w != p.width) {
-      ws->px.resize(p.width);
+      ws->px.resize(p.width + 4);  // 4 more (finite, never used): RasterBox loads four at a time
       ws->py.resize(h);
-      for (int j = 0; j < p.width; ++j) ws->px[j] = PixX(j, p.width);
+      for (int j = 0; j < p.width + 4; ++j) ws->px[j] = PixX(j, p.width);
       for (int i = 0; i < h; ++i) ws->py[i] = PixY(i, h);
       ws->h = h;
       ws->w = p.width;
     }
-    ws->zbuf.resize(int64_t(G) * band * p.width);
+    ws->zbuf.resize(int64_t(G) * band * p.width + 4);  // + 4: RasterBox's 4-wide loads
     ws->queue.resize(G * (kChunk + 4));
     int64_t have = -1;  // group whose vertex pass is in ws
     for (int64_t it = next++; it < items; it = next++) {
