@@ -32,8 +32,10 @@ struct RasterParams {
 constexpr float kWEps = 1e-8f;
 constexpr float kAreaEps = 1e-12f;
 
-// CPU: one work item per view (or per row band when there are fewer views than threads), vertex
-// pass + per-triangle pixel-box scan; see rasterize_cpu.cc. num_threads <= 0 -> hardware concurrency.
+// CPU: work items of 4/2/1 views (row bands when there are fewer items than threads); a vertex
+// pass, a branch-free per-triangle pixel-box filter shared by the views of an item and SSE coverage
+// and depth tests of the survivors; see rasterize_cpu.cc. num_threads <= 0 -> hardware concurrency.
+// Results are identical for every thread count and work split.
 void RasterizeCpu(const RasterParams& p, int num_threads);
 
 }  // namespace tsjax
