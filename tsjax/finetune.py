@@ -19,7 +19,9 @@ resolution (``--resolution``). ``--camera-json``: ``{"<file name>": [16 numbers,
 autoencoder on the images for ``--vae-steps`` steps (default: ``--steps`` for tiny models, 0 otherwise).
 
 The result is saved to ``--out`` as a tsjax model folder (LoRA weights merged into the UNet) that
-``--model`` of ``tsjax.sample`` / ``tsjax.finetune`` loads back, plus ``train_log.json``.
+``--model`` of ``tsjax.sample`` / ``tsjax.finetune`` loads back: ``tsjax_model.json`` (configs), ``params/``
+(an orbax checkpoint written by :func:`tsjax.diffusion.io.save_params`; folders from older versions with a
+``params.msgpack`` still load), ``tokenizer/``, plus ``train_log.json``.
 """
 from __future__ import annotations
 
