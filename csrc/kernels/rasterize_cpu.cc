@@ -79,7 +79,7 @@ union Entry {
   } s;
 };
 
-constexpr int kChunk = 1024;  // triangles per filter/raster round (queue stays in L1)
+constexpr int kChunk = 4096;  // triangles per filter/raster round (queues stay in L2)
 
 struct Workspace {
   std::vector<Box> box;     // [V]
