@@ -81,9 +81,9 @@ def save_params(path: str | os.PathLike, tree: Mapping, *, overwrite: bool = Tru
             raise ValueError(f"{p}: a parameter checkpoint already exists (overwrite=False)")
     p.parent.mkdir(parents=True, exist_ok=True)
     host = traverse_util.unflatten_dict({k: np.asarray(jax.device_get(v)) for k, v in flat.items()})
-    ck = _checkpointer()
-    ck.save(p, host, force=overwrite)
-    ck.wait_until_finished()
+    with _checkpointer() as ck:
+        ck.save(p, host, force=overwrite)
+        ck.wait_until_finished()
     return p
 
 
@@ -100,7 +100,8 @@ def params_metadata(path: str | os.PathLike) -> dict:
     """Shapes and dtypes stored in a checkpoint, as a nested dict of ``jax.ShapeDtypeStruct`` (reads no
     tensor data)."""
     p = _require(path)
-    meta = _checkpointer().metadata(p).item_metadata
+    with _checkpointer() as ck:
+        meta = ck.metadata(p).item_metadata
     tree = getattr(meta, "tree", meta)
     return jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), dict(tree))
 
@@ -137,7 +138,8 @@ def load_params(path: str | os.PathLike, target: Mapping | None = None) -> dict:
             if tuple(stored[k].shape) != tuple(np.shape(t)):
                 raise ValueError(f"{p}: parameter {_name(k)!r} has shape {tuple(stored[k].shape)} in the "
                                  f"checkpoint, expected {tuple(np.shape(t))}")
-    restored = _flat(_checkpointer().restore(p), str(p))
+    with _checkpointer() as ck:
+        restored = _flat(ck.restore(p), str(p))
     out = {}
     for k, v in restored.items():
         dtype = want[k].dtype if want is not None else None
