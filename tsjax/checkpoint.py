@@ -75,6 +75,10 @@ class Checkpointer:
         """Newest saved step, or None."""
         return self._mngr.latest_step()
 
+    def all_steps(self) -> list[int]:
+        """Every saved step, ascending."""
+        return sorted(int(s) for s in self._mngr.all_steps())
+
     def meta(self) -> dict | None:
         p = self.directory / "meta.json"
         return json.loads(p.read_text()) if p.is_file() else None

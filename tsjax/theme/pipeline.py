@@ -230,9 +230,14 @@ def run(cfg: Config, opts: RunOptions) -> dict:
     t_start = time.perf_counter()
     if opts.num_assets < 1:
         raise ValueError(f"--num-assets must be >= 1, got {opts.num_assets}")
-    if cfg.perf.devices != 1:
-        raise ValueError(f"perf.devices={cfg.perf.devices}: sharding assets over devices is not wired into the "
-                         f"pipeline yet (tsjax.theme.stage2.make_sharded_step exists but is untested); use 1")
+    mesh = None
+    if cfg.perf.devices > 1:
+        if opts.num_assets % cfg.perf.devices:
+            raise ValueError(f"--devices {cfg.perf.devices}: --num-assets {opts.num_assets} is not a multiple of the "
+                             f"device count (the assets are split evenly over the devices)")
+        from tsjax.parallel import make_mesh
+
+        mesh = make_mesh(cfg.perf.devices)  # clear error when fewer devices are visible
     if opts.vgg is not None and not Path(opts.vgg).is_file():
         raise FileNotFoundError(f"--vgg {opts.vgg}: VGG19 weights file not found")
     if opts.init_mesh is not None and not Path(opts.init_mesh).is_file():
@@ -374,8 +379,8 @@ def run(cfg: Config, opts: RunOptions) -> dict:
     }
     features, feat_params = _contextual_features(opts.vgg)
 
-    assets = []
-    for k, (cimg, cid) in enumerate(zip(chosen_imgs, chosen_ids)):
+    def prepare_asset(k: int, cimg: np.ndarray, cid: int) -> dict:
+        """Init model, concept prior and pseudo-views of asset ``k`` (cached in ``asset_<k>/``)."""
         adir = out / f"asset_{k}"
         adir.mkdir(exist_ok=True)
         akey = _key(root, f"asset_{k}")
@@ -422,22 +427,39 @@ def run(cfg: Config, opts: RunOptions) -> dict:
             _save_tree(cpp, concept_unet)
             _save_tree(pvp, {"images": pseudo})
         O.save_png(adir / "pseudo_views.png", O.contact_sheet(pseudo[:6], cols=6))
-        t_concept = time.perf_counter() - t0
-        # ---- stage 2 ---------------------------------------------------------------------------
-        t0 = time.perf_counter()
-        result = _stage2(cfg, opts, base, adir, akey, init_mesh=init_mesh, theme_unet=theme_unet, ref_unet=ref_unet,
-                         concept_unet=concept_unet, tables=tables, pseudo=pseudo, init_cams=init_cams,
-                         features=features, feat_params=feat_params, prog=prog, from_scratch=from_scratch)
-        t_stage2 = time.perf_counter() - t0
+        return {"index": k, "cid": cid, "adir": adir, "akey": akey, "init_mesh": init_mesh, "init_info": init_info,
+                "init_cams": init_cams, "concept_unet": concept_unet, "pseudo": pseudo,
+                "concept_prior_s": time.perf_counter() - t0}
+
+    def finish_asset(a: dict, result: dict, t_stage2: float) -> dict:
+        """Outputs of one asset (mesh, turntables, loss curve) and its manifest record."""
+        adir = a["adir"]
         files = _asset_outputs(cfg, opts, adir, result, exemplars, ex)
         records = O.read_jsonl(adir / "metrics.jsonl")
         O.loss_curve_png(adir / "loss_curve.png", records,
                          ["loss_concept", "loss_ref_color", "loss_ref_normal", "loss_lora", "loss_contextual"])
-        assets.append({"index": k, "concept_id": cid, "init": init_info, "dir": adir.name,
-                       "concept_prior_s": t_concept, "stage2_s": t_stage2, **files,
-                       "concept": f"{adir.name}/concept.png", "init_png": f"{adir.name}/init.png",
-                       "pseudo_views": f"{adir.name}/pseudo_views.png", "loss_curve": f"{adir.name}/loss_curve.png",
-                       "stage2_steps": result["steps"], "final_metrics": records[-1] if records else {}})
+        return {"index": a["index"], "concept_id": a["cid"], "init": a["init_info"], "dir": adir.name,
+                "concept_prior_s": a["concept_prior_s"], "stage2_s": t_stage2, **files,
+                "concept": f"{adir.name}/concept.png", "init_png": f"{adir.name}/init.png",
+                "pseudo_views": f"{adir.name}/pseudo_views.png", "loss_curve": f"{adir.name}/loss_curve.png",
+                "stage2_steps": result["steps"], "final_metrics": records[-1] if records else {}}
+
+    common = _stage2_common(cfg, opts, base, theme_unet=theme_unet, ref_unet=ref_unet, tables=tables,
+                            features=features, feat_params=feat_params, from_scratch=from_scratch)
+    assets = []
+    if mesh is None:  # one asset at a time (devices == 1)
+        for k, (cimg, cid) in enumerate(zip(chosen_imgs, chosen_ids)):
+            a = prepare_asset(k, cimg, cid)
+            t0 = time.perf_counter()
+            (result,) = _stage2(cfg, opts, common, [a], prog=prog)
+            assets.append(finish_asset(a, result, time.perf_counter() - t0))
+    else:  # all assets prepared first, then ONE stage-2 loop sharded over the asset mesh axis
+        prepared = [prepare_asset(k, cimg, cid) for k, (cimg, cid) in enumerate(zip(chosen_imgs, chosen_ids))]
+        t0 = time.perf_counter()
+        results = _stage2(cfg, opts, common, prepared, prog=prog, mesh=mesh)
+        t_group = time.perf_counter() - t0
+        timings["stage2_group_s"] = t_group
+        assets = [finish_asset(a, r, t_group) for a, r in zip(prepared, results)]
 
     gallery_assets = [{"index": a["index"], "concept": a["concept"], "init": a["init_png"],
                        "pseudo_views": a["pseudo_views"], "turntable_color": a["turntable_color"],
@@ -451,6 +473,7 @@ def run(cfg: Config, opts: RunOptions) -> dict:
                 "guidance_mode": g.mode, "t_ranges": guidance_t_ranges(g), "concept_scores": scores.tolist(),
                 "concept_order": [int(i) for i in order], "chosen_concepts": chosen_ids, "assets": assets,
                 "timings": {**timings, "total_s": time.perf_counter() - t_start},
+                "devices": cfg.perf.devices, "stage2_mode": "sharded" if mesh is not None else "sequential",
                 "contextual_features": "vgg19 relu3_4" if opts.vgg else "rgb 5x5 patches (no --vgg)"}
     O.write_json(out / "manifest.json", manifest)
     return manifest
@@ -489,109 +512,217 @@ def _lora_parts(model, base_unet: Any, rank: int, key: jax.Array):
     return train, lora_apply
 
 
-def _stage2(cfg: Config, opts: RunOptions, base, adir: Path, akey, *, init_mesh, theme_unet, ref_unet, concept_unet,
-            tables, pseudo, init_cams, features, feat_params, prog: _Progress, from_scratch: bool) -> dict:
-    from tsjax.checkpoint import Checkpointer, save_on_interrupt, state_is_alive
-    from tsjax.geometry.dmtet import init as dm_init
+def _stage2_common(cfg: Config, opts: RunOptions, base, *, theme_unet, ref_unet, tables, features, feat_params,
+                   from_scratch: bool) -> dict:
+    """What every asset's stage 2 shares: DMTet config, tet grid, the networks in ``perf``'s compute dtype,
+    the reference prior, the LoRA base, prompt tables, contextual features. Built once per run, so the
+    per-asset inputs of K assets have identical structure (same static ``apply`` functions) and the shared
+    ones are the same arrays (replicated once over the device mesh)."""
     from tsjax.geometry.tets import build_tet_grid
-    from tsjax.guidance.dsd import DSDSettings, PriorPrompts
+    from tsjax.guidance.dsd import PriorPrompts
     from tsjax.guidance.vsd import Denoiser
     from tsjax.theme import stage2 as S
-    from tsjax.theme.init import fit_dmtet_to_mesh
 
     g = cfg.guidance
     dm = build_dmtet_config(cfg)
     grid = build_tet_grid(dm.grid_resolution, scale=dm.grid_scale)
-    geo_path = adir / "geo_init.msgpack"
-    log(f"[5/5] asset {adir.name}: fitting DMTet (grid {dm.grid_resolution}) to the init model")
-    geo = _cached(geo_path, lambda: fit_dmtet_to_mesh(
-        dm_init(jax.random.fold_in(akey, 10), dm), dm, init_mesh, jax.random.fold_in(akey, 11),
-        sdf_steps=cfg.init.sdf_fit_steps, n_points=cfg.init.sdf_fit_points, albedo_steps=cfg.init.albedo_fit_steps,
-        backend=opts.backend))
-    lora_base = theme_unet if from_scratch else base.params["unet"]
     fast = S.with_compute(base, cfg.perf)  # the networks in perf's compute dtype / attention implementation
-    lora_train, lora_apply = _lora_parts(fast, lora_base, g.lora_rank, jax.random.fold_in(akey, 12))
-    tr = guidance_t_ranges(g)
     unet_apply = lambda p, x, t, c, cam: fast.unet_apply(p, x, t, c, cam)  # noqa: E731
-    concept = PriorPrompts(Denoiser(unet_apply, concept_unet), tables["concept"], None, tables["uncond"])
+    tr = guidance_t_ranges(g)
     reference = None
     if tr["reference"] is not None:
         reference = PriorPrompts(Denoiser(unet_apply, ref_unet), tables["theme"], tables["normal"], tables["uncond"])
-    K = min(g.contextual_views, len(pseudo)) if g.contextual else 0
-    spec = S.Stage2Spec(
-        dmtet=dm, resolution=cfg.render.resolution, batch_size=cfg.render.batch_size, context_views=K,
+    return {"dm": dm, "grid": grid, "fast": fast, "unet_apply": unet_apply, "t_ranges": tr, "reference": reference,
+            "lora_base": theme_unet if from_scratch else base.params["unet"], "base": base, "tables": tables,
+            "features": features, "feat_params": feat_params, "optimizer": S.make_optimizer(cfg.optim, g.lora_lr)}
+
+
+def _stage2_spec(cfg: Config, opts: RunOptions, common: dict, lora_apply: Callable, n_pseudo: int):
+    from tsjax.guidance.dsd import DSDSettings
+    from tsjax.theme import stage2 as S
+
+    g, tr, base = cfg.guidance, common["t_ranges"], common["base"]
+    K = min(g.contextual_views, n_pseudo) if g.contextual else 0
+    return S.Stage2Spec(
+        dmtet=common["dm"], resolution=cfg.render.resolution, batch_size=cfg.render.batch_size, context_views=K,
         contextual_weight=g.contextual_weight,
         dsd=DSDSettings(concept_t=tr["concept"], reference_t=tr["reference"], alpha=g.alpha, beta=g.beta,
                         guidance_scale=g.guidance_scale, normal_distillation=g.normal_distillation,
                         camera_dropout=g.camera_dropout),
-        reg=cfg.reg, camera=cfg.camera, vae_encode=fast.vae_encode, scaling_factor=base.scaling_factor,
-        lora_apply=lora_apply, scheduler=base.scheduler, features=features, backend=opts.backend, perf=cfg.perf)
+        reg=cfg.reg, camera=cfg.camera, vae_encode=common["fast"].vae_encode, scaling_factor=base.scaling_factor,
+        lora_apply=lora_apply, scheduler=base.scheduler, features=common["features"], backend=opts.backend,
+        perf=cfg.perf)
+
+
+def _stage2_asset(cfg: Config, opts: RunOptions, common: dict, a: dict) -> dict:
+    """Per-asset stage-2 setup: DMTet fitted to the init model (cached), LoRA, concept prior and contextual
+    targets -> ``inputs``, a fresh ``state`` (restored from ``ckpt/`` on ``--resume``: ``restored_step``)."""
+    from tsjax.checkpoint import Checkpointer
+    from tsjax.geometry.dmtet import init as dm_init
+    from tsjax.guidance.dsd import PriorPrompts
+    from tsjax.guidance.vsd import Denoiser
+    from tsjax.theme import stage2 as S
+    from tsjax.theme.init import fit_dmtet_to_mesh
+
+    adir, akey, dm, tables = a["adir"], a["akey"], common["dm"], common["tables"]
+    log(f"[5/5] asset {adir.name}: fitting DMTet (grid {dm.grid_resolution}) to the init model")
+    geo = _cached(adir / "geo_init.msgpack", lambda: fit_dmtet_to_mesh(
+        dm_init(jax.random.fold_in(akey, 10), dm), dm, a["init_mesh"], jax.random.fold_in(akey, 11),
+        sdf_steps=cfg.init.sdf_fit_steps, n_points=cfg.init.sdf_fit_points, albedo_steps=cfg.init.albedo_fit_steps,
+        backend=opts.backend))
+    lora_train, lora_apply = _lora_parts(common["fast"], common["lora_base"], cfg.guidance.lora_rank,
+                                         jax.random.fold_in(akey, 12))
+    concept = PriorPrompts(Denoiser(common["unet_apply"], a["concept_unet"]), tables["concept"], None,
+                           tables["uncond"])
+    spec = _stage2_spec(cfg, opts, common, lora_apply, len(a["pseudo"]))
     ctx_feats = None
-    if K > 0:
-        ctx_feats = jax.jit(features)(feat_params, jnp.asarray(pseudo, jnp.float32))
-    inputs = S.Stage2Inputs(grid=grid, vae=base.params["vae"], concept=concept, reference=reference,
-                            lora_base=lora_base, lora_color=tables["theme"], lora_normal=tables["normal"],
-                            context_feats=ctx_feats, context_c2w=jnp.asarray(init_cams.c2w),
-                            context_proj=jnp.asarray(init_cams.proj), feature_params=feat_params)
+    if spec.context_views > 0:
+        ctx_feats = jax.jit(common["features"])(common["feat_params"], jnp.asarray(a["pseudo"], jnp.float32))
+    inputs = S.Stage2Inputs(grid=common["grid"], vae=common["base"].params["vae"], concept=concept,
+                            reference=common["reference"], lora_base=common["lora_base"], lora_color=tables["theme"],
+                            lora_normal=tables["normal"], context_feats=ctx_feats,
+                            context_c2w=jnp.asarray(a["init_cams"].c2w), context_proj=jnp.asarray(a["init_cams"].proj),
+                            feature_params=common["feat_params"])
     inputs = S.prepare_inputs(inputs, cfg.perf)  # frozen weights stored in the compute dtype (bf16 on GPU)
-    opt = S.make_optimizer(cfg.optim, g.lora_lr)
+    opt = common["optimizer"]
     state = S.init_state(geo, S.init_background(jax.random.fold_in(akey, 13)), lora_train, opt)
     ck = Checkpointer(adir / "ckpt")
-    metrics_path = adir / "metrics.jsonl"
-    start = 0
-    if opts.resume and ck.latest_step() is not None:
-        state = ck.restore(state)
-        start = int(state.step)
-        log(f"      resumed {adir.name} at step {start}")
-    kept = [r for r in _read(metrics_path) if r["step"] < start]
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    total = int(cfg.steps)
-    step_fn = S.make_step(spec, opt)
-    key = jax.random.fold_in(akey, 14)
+    return {"adir": adir, "spec": spec, "inputs": inputs, "state": state, "ck": ck,
+            "restored_step": ck.latest_step() if opts.resume else None, "key": jax.random.fold_in(akey, 14)}
+
+
+def _stage2(cfg: Config, opts: RunOptions, common: dict, prepared: list[dict], *, prog: _Progress,
+            mesh=None) -> list[dict]:
+    """Stage 2 of the assets in ``prepared`` (``prepare_asset`` records) in ONE loop; returns per asset
+    ``{"geo", "bg", "dm", "grid", "steps", "compile_and_first_step_s"}``.
+
+    ``mesh is None``: exactly one asset, the single-asset jitted step (:func:`tsjax.theme.stage2.make_step`).
+    Otherwise the K assets (a multiple of the mesh's ``asset`` axis) run together with
+    :func:`tsjax.theme.stage2.make_sharded_step`: per-asset states, concept priors, contextual targets and
+    keys split over the ``asset`` axis, everything else replicated. Both modes share the loop: progress bar,
+    one ``metrics.jsonl`` per asset (``time_s`` = wall time of the whole step), a checkpoint per asset every
+    ``checkpoint_every`` steps and at the end, resume from the checkpoints (all assets of a group resume at
+    the newest step every asset has), Ctrl-C saving, and the NaN stop (:class:`NonFiniteLossError` naming
+    the asset(s) and terms; every asset's last good state is saved).
+    """
+    from tsjax import parallel as par
+    from tsjax.checkpoint import save_on_interrupt, state_is_alive
+    from tsjax.theme import stage2 as S
+
+    runs = [_stage2_asset(cfg, opts, common, a) for a in prepared]
+    if mesh is None and len(runs) != 1:
+        raise ValueError(f"internal: the single-device stage 2 runs one asset at a time, got {len(runs)}")
+    opt = common["optimizer"]
+    spec = runs[0]["spec"]
     meta = {"config": to_dict(cfg)}
+    # ---- resume: every asset of the group continues from the same step --------------------------------
+    restored = [r["restored_step"] for r in runs]
+    start = 0
+    if all(s is not None for s in restored):
+        start = min(restored)
+        for r in runs:
+            if start not in r["ck"].all_steps():
+                raise ValueError(f"--resume: {r['adir'] / 'ckpt'} has no checkpoint of step {start}, the newest step "
+                                 f"every asset of the group has; delete the group's ckpt/ folders to restart stage 2")
+            r["state"] = r["ck"].restore(r["state"], step=start)
+        log(f"      resumed {', '.join(r['adir'].name for r in runs)} at step {start}")
+    elif any(s is not None for s in restored):
+        log("      some assets of the group have no stage-2 checkpoint: stage 2 restarts from step 0")
+    for r in runs:
+        mp = r["adir"] / "metrics.jsonl"
+        kept = [x for x in _read(mp) if x["step"] < start]
+        mp.write_text("".join(json.dumps(x) + "\n" for x in kept))
+    total = int(cfg.steps)
+
+    if mesh is None:
+        (r0,) = runs
+        step_fn = S.make_step(spec, opt)
+        state = r0["state"]
+
+        def advance(st):
+            new, m = step_fn(st, r0["inputs"], r0["key"])
+            return new, [{k: float(v) for k, v in jax.device_get(m).items()}]
+
+        split = lambda st: [st]  # noqa: E731
+        name = f"stage 2 ({r0['adir'].name})"
+    else:
+        multi = S.make_sharded_step(spec, opt, mesh)
+        per, shared = zip(*[S.split_inputs(r["inputs"]) for r in runs])
+        per = par.shard_assets(par.stack_assets(per), mesh)
+        shared = par.replicate(shared[0], mesh)
+        keys = par.shard_assets(par.stack_assets([r["key"] for r in runs]), mesh)
+        state = par.shard_assets(par.stack_assets([r["state"] for r in runs]), mesh)
+
+        def advance(st):
+            new, m = multi(st, per, keys, shared)
+            mh = jax.device_get(m)
+            return new, [{k: float(v[i]) for k, v in mh.items()} for i in range(len(runs))]
+
+        split = par.unstack_assets
+        name = f"stage 2 ({len(runs)} assets on {mesh.shape[par.ASSET]} devices)"
     holder = {"state": state}
 
-    def save_now():
-        s = holder["state"]
-        if state_is_alive(s):
-            ck.save(int(s.step), s, meta=meta)
+    def save_all(st) -> list[int]:
+        """Checkpoint every asset of ``st`` at its own step; returns the steps."""
+        steps = []
+        for r, s in zip(runs, split(st)):
+            r["ck"].save(int(s.step), s, meta=meta)
+            steps.append(int(s.step))
+        return steps
 
-    bar = prog.bar(f"stage 2 ({adir.name})", total, initial=start)
+    def save_now():
+        if state_is_alive(holder["state"]):
+            save_all(holder["state"])
+
+    bar = prog.bar(name, total, initial=start)
     t_compile = None
-    with save_on_interrupt(save_now, message=f"interrupted: checkpoint kept in {adir / 'ckpt'}; "
-                                               f"continue with --resume"):
-        with metrics_path.open("a") as mf:
+    dirs = ", ".join(str(r["adir"] / "ckpt") for r in runs)
+    with save_on_interrupt(save_now, message=f"interrupted: checkpoint kept in {dirs}; continue with --resume"):
+        files = [(r["adir"] / "metrics.jsonl").open("a") for r in runs]
+        try:
             for i in range(start, total):
                 t0 = time.perf_counter()
-                new, m = step_fn(holder["state"], inputs, key)
+                new, mhs = advance(holder["state"])
                 holder["state"] = new
-                mh = {k: float(v) for k, v in jax.device_get(m).items()}
                 if t_compile is None:
                     t_compile = time.perf_counter() - t0
-                if mh["finite"] == 0.0:
-                    bad = [t for t in S.LOSS_TERMS if not np.isfinite(mh[t])]
-                    what = ", ".join(bad) if bad else "the gradients"
-                    ck.save(int(new.step), new, meta=meta)
+                bad_assets = [(r, mh) for r, mh in zip(runs, mhs) if mh["finite"] == 0.0]
+                if bad_assets:
+                    # a non-finite step leaves that asset's state unchanged: ``new`` holds the last good states
+                    steps = save_all(new)
+                    what = []
+                    for r, mh in bad_assets:
+                        bad = [t for t in S.LOSS_TERMS if not np.isfinite(mh[t])]
+                        what.append(f"{', '.join(bad) if bad else 'the gradients'}"
+                                    + (f" of {r['adir'].name}" if mesh is not None else ""))
+                    r_bad = bad_assets[0][0]
                     raise NonFiniteLossError(
-                        f"non-finite loss at stage-2 step {i} in {what}; stopped, last good state kept in "
-                        f"{adir / 'ckpt'} (step {int(new.step)})")
-                mh["time_s"] = time.perf_counter() - t0
-                mf.write(json.dumps({"step": i, **mh}) + "\n")
-                if i % max(cfg.log_every, 1) == 0:
-                    mf.flush()
+                        f"non-finite loss at stage-2 step {i} in {'; '.join(what)}; stopped, last good state kept in "
+                        f"{r_bad['adir'] / 'ckpt'} (step {steps[runs.index(r_bad)]})")
+                dt = time.perf_counter() - t0
+                for f, mh in zip(files, mhs):
+                    f.write(json.dumps({"step": i, **mh, "time_s": dt}) + "\n")
+                    if i % max(cfg.log_every, 1) == 0:
+                        f.flush()
                 if bar is not None:
                     bar.update(1)
                     if i % max(cfg.log_every, 1) == 0:
-                        bar.set_postfix(dsd=f"{mh['loss_dsd']:.3g}", faces=int(mh["num_faces"]))
+                        bar.set_postfix(dsd=f"{mhs[0]['loss_dsd']:.3g}", faces=int(mhs[0]["num_faces"]))
                 if (i + 1) % max(cfg.checkpoint_every, 1) == 0 and i + 1 < total:
-                    ck.save(i + 1, holder["state"], meta=meta)
+                    save_all(holder["state"])
+        finally:
+            for f in files:
+                f.close()
     if bar is not None:
         bar.close()
-    state = holder["state"]
-    ck.save(int(state.step), state, meta=meta)
-    ck.close()
-    return {"geo": state.params["geo"], "dm": dm, "grid": grid, "steps": int(state.step),
-            "compile_and_first_step_s": t_compile, "bg": state.params["bg"]}
+    save_all(holder["state"])
+    results = []
+    for r, st in zip(runs, split(holder["state"])):
+        r["ck"].close()
+        results.append({"geo": jax.tree_util.tree_map(jnp.asarray, st.params["geo"]), "dm": common["dm"],
+                        "grid": common["grid"], "steps": int(st.step), "compile_and_first_step_s": t_compile,
+                        "bg": st.params["bg"]})
+    return results
 
 
 def _read(path: Path) -> list[dict]:
