@@ -14,8 +14,11 @@ colours + mean-squared loss; ``render_aa`` adds ``tsjax.ops.antialias`` before t
 Threads: embree ray casting (trimesh -> embreex ``rtcIntersect1`` per ray) runs on ONE thread (its BVH
 build, timed separately, may use more). The FFI kernel is timed for every ``--threads`` setting
 (``TSJAX_RASTER_THREADS``; ``auto`` = all hardware threads), all interleaved with embree call by call,
-so ``ffi_ids`` with ``threads: 1`` is the like-for-like comparison. ``cpu_*`` fields are process CPU
-seconds of the call (all threads), less sensitive to other jobs on a shared machine than wall time.
+so ``ffi_ids`` with ``threads: 1`` and ``output: ids`` (the ids-only kernel that ``rasterize`` calls;
+embree also returns only triangle ids) is the like-for-like comparison; ``output: ids+bary`` is the
+kernel that also writes its own (u, v, z/w) (used by the parity tests), at one thread. ``cpu_*``
+fields are process CPU seconds of the call (all threads), less sensitive to other jobs on a shared
+machine than wall time.
 The ``machine`` record states the load average before the run; ``load_after`` records it after.
 """
 from __future__ import annotations
@@ -102,10 +105,16 @@ def main():
         common = dict(mesh=f"icosphere{SIZES[size]}", faces=nf, views=b, res=list(res))
         pc = jax.block_until_ready(C.world_to_clip(verts, cams))
 
-        ffi_fn = jax.jit(lambda p: _ffi.rasterize_ids(p, tris, *res)[0])
-        t0 = time.perf_counter()
-        jax.block_until_ready(ffi_fn(pc))
-        ffi_compile = time.perf_counter() - t0
+        # "ids": the ids-only kernel (what rasterize() calls; embree also returns only ids),
+        # "ids+bary": the kernel that also writes its own (u, v, z/w) (parity tests), at 1 thread
+        ffi_fns = {"ids": jax.jit(lambda p: _ffi.rasterize_ids_only(p, tris, *res)),
+                   "ids+bary": jax.jit(lambda p: _ffi.rasterize_ids(p, tris, *res))}
+        ffi_compile = {}
+        for out_kind, fn in ffi_fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(pc))
+            ffi_compile[out_kind] = time.perf_counter() - t0
+        variants = [("ids", t) for t in thread_opts] + [("ids+bary", "1")]
 
         # pure-JAX reference: estimate from one view at 64x64 (cost ~ H*W*F) before running it
         # (timed on the first <= 16384 triangles, scaled by the triangle count)
@@ -137,15 +146,17 @@ def main():
             d = (p[:, :3] / p[:, 3:]) @ c2w[v, :3, :3].T
             d /= np.linalg.norm(d, axis=1, keepdims=True)
             rays.append((np.broadcast_to(c2w[v, :3, 3], d.shape).copy(), d))
-        t_ffi = {t: ([], []) for t in thread_opts}  # thread setting -> (wall, cpu)
+        t_ffi = {v: ([], []) for v in variants}  # (output, thread setting) -> (wall, cpu)
         t_emb, c_emb = [], []
         hits = ids = None
-        for _ in range(a.repeats):  # interleaved: FFI (each thread setting) and embree see the same load
-            for t in thread_opts:
+        for _ in range(a.repeats):  # interleaved: FFI (each variant) and embree see the same load
+            for out_kind, t in variants:
                 _set_threads(t)
-                wall, cpu, ids = _clock(lambda: ffi_fn(pc))
-                t_ffi[t][0].append(wall)
-                t_ffi[t][1].append(cpu)
+                wall, cpu, out = _clock(lambda: ffi_fns[out_kind](pc))
+                t_ffi[(out_kind, t)][0].append(wall)
+                t_ffi[(out_kind, t)][1].append(cpu)
+                if out_kind == "ids":
+                    ids = out
             c0, t0 = time.process_time(), time.perf_counter()
             hits = [m.ray.intersects_first(o, d) for o, d in rays]
             t_emb.append(time.perf_counter() - t0)
@@ -155,9 +166,10 @@ def main():
         hit = np.stack(hits)
         cov = (ids >= 0) | (hit >= 0)
         emb_med, emb_min = statistics.median(t_emb), min(t_emb)
-        for t, (tw, tc) in t_ffi.items():
+        for (out_kind, t), (tw, tc) in t_ffi.items():
             med, mn = statistics.median(tw), min(tw)
-            emit(kind="ffi_ids", **common, threads=t, compile_s=ffi_compile, median_s=med, min_s=mn,
+            emit(kind="ffi_ids", **common, output=out_kind, threads=t, compile_s=ffi_compile[out_kind],
+                 median_s=med, min_s=mn,
                  per_frame_s=med / b, per_frame_min_s=mn / b, cpu_median_s=statistics.median(tc), cpu_min_s=min(tc),
                  speedup_vs_embree=emb_med / med, speedup_vs_embree_min=emb_min / mn,
                  cpu_speedup_vs_embree_min=min(c_emb) / min(tc))

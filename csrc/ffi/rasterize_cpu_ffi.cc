@@ -1,4 +1,7 @@
-// XLA FFI handler (CPU): unpacks buffers and calls tsjax::RasterizeCpu.
+// XLA FFI handlers (CPU): unpack buffers and call tsjax::RasterizeCpu.
+//   TsjaxRasterizeCpu:    (pos, tris) -> (ids, bary)   ids + the kernel's own (u, v, z/w)
+//   TsjaxRasterizeIdsCpu: (pos, tris) -> ids            ids only (what tsjax.ops.rasterize uses:
+//                                                       it recomputes (u, v, z/w) differentiably)
 #include <algorithm>
 #include <cstdlib>
 #include <string>
@@ -8,8 +11,9 @@
 
 namespace ffi = xla::ffi;
 
-static ffi::Error RasterizeCpuImpl(ffi::Buffer<ffi::F32> pos, ffi::Buffer<ffi::S32> tris,
-                                   ffi::ResultBuffer<ffi::S32> ids, ffi::ResultBuffer<ffi::F32> bary) {
+// Shared by both handlers; bary == nullptr -> ids only.
+static ffi::Error Run(ffi::Buffer<ffi::F32> pos, ffi::Buffer<ffi::S32> tris, ffi::ResultBuffer<ffi::S32> ids,
+                      float* bary) {
   auto pd = pos.dimensions();
   auto td = tris.dimensions();
   auto od = ids->dimensions();
@@ -20,7 +24,7 @@ static ffi::Error RasterizeCpuImpl(ffi::Buffer<ffi::F32> pos, ffi::Buffer<ffi::S
   p.pos = pos.typed_data();
   p.tris = tris.typed_data();
   p.ids = ids->typed_data();
-  p.bary = bary->typed_data();
+  p.bary = bary;
   p.batch = pd[0];
   p.num_verts = pd[1];
   p.num_tris = td[0];
@@ -43,9 +47,29 @@ static ffi::Error RasterizeCpuImpl(ffi::Buffer<ffi::F32> pos, ffi::Buffer<ffi::S
   return ffi::Error::Success();
 }
 
+static ffi::Error RasterizeCpuImpl(ffi::Buffer<ffi::F32> pos, ffi::Buffer<ffi::S32> tris,
+                                   ffi::ResultBuffer<ffi::S32> ids, ffi::ResultBuffer<ffi::F32> bary) {
+  auto od = ids->dimensions();
+  auto bd = bary->dimensions();
+  if (od.size() != 3 || bd.size() != 4 || bd[0] != od[0] || bd[1] != od[1] || bd[2] != od[2] || bd[3] != 3)
+    return ffi::Error::InvalidArgument("bary must be [B,H,W,3] matching ids");
+  return Run(pos, tris, ids, bary->typed_data());
+}
+
+static ffi::Error RasterizeIdsCpuImpl(ffi::Buffer<ffi::F32> pos, ffi::Buffer<ffi::S32> tris,
+                                      ffi::ResultBuffer<ffi::S32> ids) {
+  return Run(pos, tris, ids, nullptr);
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TsjaxRasterizeCpu, RasterizeCpuImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TsjaxRasterizeIdsCpu, RasterizeIdsCpuImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());

@@ -24,7 +24,7 @@ struct RasterParams {
   const float* pos = nullptr;     // [B, V, 4]
   const int32_t* tris = nullptr;  // [F, 3]
   int32_t* ids = nullptr;         // [B, H, W]
-  float* bary = nullptr;          // [B, H, W, 3]
+  float* bary = nullptr;          // [B, H, W, 3], or nullptr: ids only (no barycentric work)
   int64_t batch = 0, num_verts = 0, num_tris = 0;
   int height = 0, width = 0;
 };

@@ -188,7 +188,7 @@ struct BandCtx {
   const float* pys;
   float* zb;         // indexed by absolute row * W + column
   int32_t* ids;
-  float* bary;
+  float* bary;       // nullptr: ids only (RasterParams::bary)
   int w;
 };
 
@@ -198,6 +198,7 @@ inline void Resolve(const BandCtx& c, int64_t k, int32_t id1, float b0, float b1
   if (z < c.zb[k]) {
     c.zb[k] = z;
     c.ids[k] = id1;
+    if (!c.bary) return;
     const float q0 = b0 / w0, q1 = b1 / w1, q2 = b2 / w2;
     float den = q0 + q1 + q2;
     if (!(std::fabs(den) > 1e-20f)) den = 1.0f;
@@ -335,21 +336,31 @@ void RasterGroup(const BandCtx& c, const Entry* e, int n) {
   }
   const int hit = okm & covm;
   if (!hit) return;
+  typedef uint32_t __attribute__((may_alias)) U32;  // bit views of float buffers
+  U32* zbu = reinterpret_cast<U32*>(c.zb);
+  alignas(16) float fz[4];
+  alignas(16) uint32_t wz[4];
+  _mm_store_ps(fz, zz);
+  _mm_store_si128(reinterpret_cast<__m128i*>(wz), _mm_castps_si128(zz));
+  if (!c.bary) {  // ids only: the depth tests lane by lane in id order, without branches
+    for (int l = 0; l < 4; ++l) {
+      const int64_t k = int64_t(e[l].s.i0) * c.w + e[l].s.j0;
+      const uint32_t win = 0u - static_cast<uint32_t>(((hit >> l) & 1) & (fz[l] < c.zb[k]));
+      zbu[k] ^= (zbu[k] ^ wz[l]) & win;
+      c.ids[k] ^= (c.ids[k] ^ (e[l].s.f + 1)) & static_cast<int32_t>(win);
+    }
+    return;
+  }
   // all one-pixel: perspective-correct (u, v) of every lane (Resolve's operations), then the depth
   // tests lane by lane in id order without branches (two lanes may share a pixel)
   const __m128 q0 = _mm_div_ps(b0, cw[0]), q1 = _mm_div_ps(b1, cw[1]), q2 = _mm_div_ps(b2, cw[2]);
   __m128 den = _mm_add_ps(_mm_add_ps(q0, q1), q2);
   den = _mm_blendv_ps(one, den, _mm_cmpgt_ps(_mm_and_ps(den, absmask), _mm_set1_ps(1e-20f)));
-  alignas(16) float fu[4], fv[4], fz[4];
+  alignas(16) float fu[4], fv[4];
   _mm_store_ps(fu, _mm_div_ps(q0, den));
   _mm_store_ps(fv, _mm_div_ps(q1, den));
-  _mm_store_ps(fz, zz);
-  typedef uint32_t __attribute__((may_alias)) U32;  // bit views of float buffers
-  alignas(16) uint32_t wz[4];
-  _mm_store_si128(reinterpret_cast<__m128i*>(wz), _mm_castps_si128(zz));
   const U32* ufu = reinterpret_cast<const U32*>(fu);
   const U32* ufv = reinterpret_cast<const U32*>(fv);
-  U32* zbu = reinterpret_cast<U32*>(c.zb);
   U32* bu = reinterpret_cast<U32*>(c.bary);
   for (int l = 0; l < 4; ++l) {  // bit selects: the compiler emits no branch (winners are random)
     const int64_t k = int64_t(e[l].s.i0) * c.w + e[l].s.j0;
@@ -379,11 +390,11 @@ void RasterGroupBand(const RasterParams& p, int64_t b0, int row0, int row1, Work
     if (g >= nviews) continue;
     const int64_t b = b0 + g;
     int32_t* ids = p.ids + b * int64_t(h) * w;
-    float* bary = p.bary + b * int64_t(h) * w * 3;
+    float* bary = p.bary ? p.bary + b * int64_t(h) * w * 3 : nullptr;
     float* zb = ws->zbuf.data() + int64_t(g) * (row1 - row0) * w - int64_t(row0) * w;  // absolute rows
     std::fill(zb + int64_t(row0) * w, zb + int64_t(row1) * w, std::numeric_limits<float>::infinity());
     std::fill(ids + int64_t(row0) * w, ids + int64_t(row1) * w, 0);
-    std::fill(bary + int64_t(row0) * w * 3, bary + int64_t(row1) * w * 3, 0.0f);
+    if (bary) std::fill(bary + int64_t(row0) * w * 3, bary + int64_t(row1) * w * 3, 0.0f);
     ctx[g] = BandCtx{p.pos + b * p.num_verts * 4, p.tris, ws->px.data(), ws->py.data(), zb, ids, bary, w};
   }
   const Box* box = ws->box.data();
@@ -452,7 +463,7 @@ void RasterGroupBand(const RasterParams& p, int64_t b0, int row0, int row1, Work
             const int64_t px = int64_t(qg[k + kAheadPixels + l].s.i0) * w + qg[k + kAheadPixels + l].s.j0;
             __builtin_prefetch(cg.zb + px, 1);
             __builtin_prefetch(cg.ids + px, 1);
-            __builtin_prefetch(cg.bary + 3 * px, 1);
+            if (cg.bary) __builtin_prefetch(cg.bary + 3 * px, 1);
           }
         }
         RasterGroup(cg, qg + k, std::min(4, ng - k));

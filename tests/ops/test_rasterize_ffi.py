@@ -102,6 +102,9 @@ def test_ffi_view_groups_bands_and_threads_match_reference(monkeypatch):
             ids, bary = (np.asarray(a) for a in _ffi.rasterize_ids(pc[:nb], tris, 40, 40))
             np.testing.assert_array_equal(ids, ref[:nb], err_msg=f"threads={threads} views={nb}")
             np.testing.assert_array_equal(bary, bary_ref[:nb], err_msg=f"threads={threads} views={nb}")
+            # the ids-only kernel (what rasterize() calls: no barycentric work) gives the same ids
+            only = np.asarray(_ffi.rasterize_ids_only(pc[:nb], tris, 40, 40))
+            np.testing.assert_array_equal(only, ref[:nb], err_msg=f"ids only, threads={threads} views={nb}")
 
 
 def _exemplar_mesh(root):

@@ -15,8 +15,11 @@ import numpy as np
 
 LIB_DIR = Path(__file__).resolve().parents[1] / "_lib"
 _TARGET = "tsjax_rasterize"
+_IDS_TARGET = "tsjax_rasterize_ids"  # ids only (CPU); other platforms slice the full call
 # extra CPU-only targets of libtsjax_cpu.so: (FFI target name, exported symbol)
-_CPU_EXTRA = (("tsjax_gather_rows", "TsjaxGatherRowsCpu"), ("tsjax_scatter_add_rows", "TsjaxScatterAddRowsCpu"))
+_ROWS_TARGETS = ("tsjax_gather_rows", "tsjax_scatter_add_rows")
+_CPU_EXTRA = ((_ROWS_TARGETS[0], "TsjaxGatherRowsCpu"), (_ROWS_TARGETS[1], "TsjaxScatterAddRowsCpu"),
+              (_IDS_TARGET, "TsjaxRasterizeIdsCpu"))
 
 
 @functools.cache
@@ -51,7 +54,7 @@ def _load() -> dict[str, bool]:
 def rows_available() -> bool:
     """True when the CPU row gather / scatter-add kernels are registered and the default backend is
     the CPU (other platforms use XLA's own gather / scatter)."""
-    return jax.default_backend() == "cpu" and all(_load().get(t, False) for t, _ in _CPU_EXTRA)
+    return jax.default_backend() == "cpu" and all(_load().get(t, False) for t in _ROWS_TARGETS)
 
 
 def available(platform: str | None = None) -> bool:
@@ -77,13 +80,30 @@ def scatter_add_rows(values, idx, out_batch: int, rows: int):
     return jax.ffi.ffi_call("tsjax_scatter_add_rows", out, vmap_method="sequential")(values, idx)
 
 
-def rasterize_ids(pos_clip, tris, h: int, w: int):
-    """FFI kernel call: per-pixel triangle id + 1 [B,H,W] int32 and the kernel's own (u, v, z/w)
-    [B,H,W,3] float32 (used for parity tests; the differentiable values are recomputed in JAX)."""
+def _check_available():
     if not available():
         raise RuntimeError(
             f"tsjax rasterizer kernel not built for platform '{jax.default_backend()}' (looked in {LIB_DIR}); "
             "run `make build` or `python csrc/build.py`, or use backend='ref'")
+
+
+def rasterize_ids_only(pos_clip, tris, h: int, w: int):
+    """FFI kernel call without barycentrics: per-pixel triangle id + 1 [B,H,W] int32 (0 = empty),
+    identical to ``rasterize_ids(...)[0]``. On the CPU the kernel then skips all barycentric work and
+    the [B,H,W,3] output (what :func:`tsjax.ops.rasterize` uses: it recomputes (u, v, z/w) in JAX);
+    elsewhere it is the full call, sliced."""
+    _check_available()
+    if jax.default_backend() != "cpu" or not _load().get(_IDS_TARGET, False):
+        return rasterize_ids(pos_clip, tris, h, w)[0]
+    out = jax.ShapeDtypeStruct((pos_clip.shape[0], h, w), jnp.int32)
+    call = jax.ffi.ffi_call(_IDS_TARGET, out, vmap_method="sequential")
+    return call(pos_clip.astype(jnp.float32), tris.astype(jnp.int32))
+
+
+def rasterize_ids(pos_clip, tris, h: int, w: int):
+    """FFI kernel call: per-pixel triangle id + 1 [B,H,W] int32 and the kernel's own (u, v, z/w)
+    [B,H,W,3] float32 (used for parity tests; the differentiable values are recomputed in JAX)."""
+    _check_available()
     b = pos_clip.shape[0]
     out_types = (jax.ShapeDtypeStruct((b, h, w), jnp.int32), jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32))
     call = jax.ffi.ffi_call(_TARGET, out_types, vmap_method="sequential")

@@ -338,7 +338,7 @@ def rasterize(pos_clip: Float[Array, "b v 4"] | Float[Array, "v 4"], tris: Int[A
     elif backend == "ffi":
         from tsjax.ops import _ffi
 
-        ids, _ = _ffi.rasterize_ids(jax.lax.stop_gradient(pos_clip), tris, h, w)
+        ids = _ffi.rasterize_ids_only(jax.lax.stop_gradient(pos_clip), tris, h, w)
     elif backend == "nvdiffrast":
         from tsjax.ops import _nvdiffrast
 
