@@ -29,8 +29,9 @@ attention, fused UNet passes, one extraction, contextual loss fused into the one
 Per variant: ``compile_s`` (``.lower().compile()`` of the step's jitted programs; the plain step is
 three programs, built exactly as :func:`tsjax.theme.stage2.make_step` builds them, and its compile time
 is their sum), ``first_call_s`` (first execution after compilation), step time (min and median of
-``--steps`` calls after one warm-up call; the variants and the PyTorch peer are interleaved call by call,
-each in its own process), peak memory (``peak_rss_mb``: the process's resident high-water mark
+``--steps`` calls after one warm-up call; each measurement runs in its own process, and the two variants
+are interleaved call by call, then the two guidance peers, so that at most two workers hold memory),
+peak memory (``peak_rss_mb``: the process's resident high-water mark
 ``VmHWM`` over the first call and the timed steps, reset after compilation via ``/proc/self/clear_refs``;
 ``step_mem_mb``: that peak minus the resident size just before the first call, i.e. the working memory
 of a step beyond weights/state), ``gflop_per_step`` (XLA ``compiled.cost_analysis()['flops']`` summed
@@ -78,7 +79,7 @@ N_CTX = {"tiny": 8, "mid": 8, "paper": 20}  # contextual pseudo-views available 
 
 SHAPES = {
     "tiny": dict(res=64, grid=32, K=2, features="patch", guidance_scale=3.0, lora_lr=1e-3, need_gb=2),
-    "mid": dict(res=256, grid=64, K=2, features="vgg", guidance_scale=7.5, lora_lr=1e-4, need_gb=8),
+    "mid": dict(res=256, grid=64, K=2, features="vgg", guidance_scale=7.5, lora_lr=1e-4, need_gb=6),
     "paper": dict(res=512, grid=128, K=4, features="vgg", guidance_scale=7.5, lora_lr=1e-4, need_gb=6),
 }
 ALPHA, BETA, CAM_DROPOUT, LORA_RANK = 0.2, 1.0, 0.1, 4
@@ -830,36 +831,43 @@ def main(argv=None) -> int:
             pw = Worker(f"prep:{shape}", ["prep", shape, d], env, logdir)
             prep = pw.read()
             pw.close()
-            workers: dict[str, Worker] = {}
             setup: dict[str, dict] = {}
-            roles = [(f"step:{v}", ["step", shape, v, d, str(args.paper_grid)]) for v in variants]
+            times: dict[str, list[float]] = {}
+            fin: dict[str, dict] = {}
+            load_of: dict[str, dict] = {}
+            phases = [[(f"step:{v}", ["step", shape, v, d, str(args.paper_grid)]) for v in variants]]
             if args.peer:
-                roles += [("guid:tsjax", ["guid_tsjax", shape, d]), ("guid:torch", ["guid_torch", shape, d, str(args.threads)])]
-            for name, wargv in roles:  # start + compile one at a time (no two compiles competing)
-                w = Worker(f"{name}:{shape}", wargv, env, logdir)
-                try:
-                    setup[name] = w.read()
-                    workers[name] = w
-                except RuntimeError as e:
-                    emit(dict(base, kind="error", role=name, error=str(e)))
-                    w.close()
-            times: dict[str, list[float]] = {n: [] for n in workers}
-            loads = [os.getloadavg()[0]]
-            for _ in range(args.steps):  # interleaved: one call of each, round after round
+                phases.append([("guid:tsjax", ["guid_tsjax", shape, d]),
+                               ("guid:torch", ["guid_torch", shape, d, str(args.threads)])])
+            # two phases (step variants, then the guidance peers) so that at most two workers hold memory
+            for roles in phases:
+                workers: dict[str, Worker] = {}
+                for name, wargv in roles:  # start + compile one at a time (no two compiles competing)
+                    w = Worker(f"{name}:{shape}", wargv, env, logdir)
+                    try:
+                        setup[name] = w.read()
+                        workers[name] = w
+                    except RuntimeError as e:
+                        emit(dict(base, kind="error", role=name, error=str(e)))
+                        w.close()
+                loads = [os.getloadavg()[0]]
+                for n in workers:
+                    times[n] = []
+                for _ in range(args.steps):  # interleaved: one call of each, round after round
+                    for n, w in workers.items():
+                        times[n].append(w.ask("step")["t"])
+                    loads.append(os.getloadavg()[0])
                 for n, w in workers.items():
-                    times[n].append(w.ask("step")["t"])
-                loads.append(os.getloadavg()[0])
-            fin = {n: w.ask("finish") for n, w in workers.items()}
-            for w in workers.values():
-                w.close()
-            load = {"load_min": round(min(loads), 2), "load_max": round(max(loads), 2)}
-            for n in workers:
+                    fin[n] = w.ask("finish")
+                    w.close()
+                    load_of[n] = {"load_min": round(min(loads), 2), "load_max": round(max(loads), 2)}
+            for n in times:
                 ts = times[n]
                 s, f = setup[n], fin[n]
                 rec = dict(base, kind="step" if n.startswith("step") else "guidance", steps=len(ts),
                            step_ms_min=round(1e3 * min(ts), 1), step_ms_median=round(1e3 * statistics.median(ts), 1),
                            compile_s=round(s["compile_s"], 2), first_call_s=round(s["first_call_s"], 2),
-                           peak_rss_mb=f["peak_rss_mb"], step_mem_mb=f["step_mem_mb"], **load)
+                           peak_rss_mb=f["peak_rss_mb"], step_mem_mb=f["step_mem_mb"], **load_of[n])
                 if n.startswith("step"):
                     rec.update(variant=n.split(":")[1], programs=s["programs"], num_faces=s["num_faces"],
                                finite=min(s["finite"], f["finite_last"]), xla_memory=s["xla_memory"])
@@ -887,12 +895,12 @@ def main(argv=None) -> int:
                                           "grad_color_image": _rel(pa["gxc"], pb["gxc"]),
                                           "grad_normal_image": _rel(pa["gxn"], pb["gxn"]),
                                           **{k: _rel(pa[k], pb[k]) for k in pa.files if k.startswith("term_")}},
-                          **load))
+                          **load_of["guid:torch"]))
             if "step:plain" in times and "step:optimised" in times:
                 p, o = times["step:plain"], times["step:optimised"]
                 emit(dict(base, kind="speedup", plain_over_optimised_median=round(statistics.median(p) /
                                                                                    statistics.median(o), 3),
-                          plain_over_optimised_min=round(min(p) / min(o), 3), **load))
+                          plain_over_optimised_min=round(min(p) / min(o), 3), **load_of["step:plain"]))
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a") as fh:
         fh.write("\n".join(lines) + "\n")
