@@ -9,6 +9,8 @@ Examples::
     # ablation (b) of the paper, 3 assets, stop/resume
     python -m tsjax.optimize --set guidance.mode=naive --num-assets 3 --out runs/naive   # Ctrl-C ...
     python -m tsjax.optimize --set guidance.mode=naive --num-assets 3 --out runs/naive --resume
+    # 4 assets optimised together, one per GPU (stage 2 sharded over an ``asset`` device-mesh axis)
+    python -m tsjax.optimize --num-assets 4 --devices 4 --out runs/four
 
 Outputs in ``--out``: ``index.html`` (gallery: exemplars, concept images, init, results side by side),
 ``manifest.json``, ``config.json``, ``concepts/``, ``exemplars/`` and per asset ``asset_<k>/`` with
@@ -50,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, metavar="DIR", help="local Stable Diffusion 2.1-base folder (paper)")
     p.add_argument("--vgg", default=None, metavar="FILE",
                    help="torchvision VGG19 weights for the contextual loss (else RGB-patch features)")
+    p.add_argument("--devices", type=int, default=None, metavar="N",
+                   help="optimise the --num-assets assets' stage 2 together, sharded over N devices (a multiple "
+                        "of N assets; on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N); "
+                        "sets perf.devices, default 1 = one asset at a time")
     p.add_argument("--steps", type=int, default=None, help="stage-2 steps (overrides the config)")
     p.add_argument("--seed", type=int, default=None, help="random seed (overrides the config)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -79,6 +85,10 @@ def config_from_args(args: argparse.Namespace):
         if args.steps < 1:
             raise ValueError(f"--steps must be >= 1, got {args.steps}")
         cfg = dataclasses.replace(cfg, steps=args.steps)
+    if args.devices is not None:
+        if args.devices < 1:
+            raise ValueError(f"--devices must be >= 1, got {args.devices}")
+        cfg = dataclasses.replace(cfg, perf=dataclasses.replace(cfg.perf, devices=args.devices))
     if args.seed is not None:
         cfg = dataclasses.replace(cfg, seed=args.seed)
     return cfg

@@ -9,9 +9,15 @@ runs K/N assets on each of N devices with no cross-device traffic in the hot loo
 collectives are the ones the user asks for, e.g. a metrics mean).
 
 Mesh axes:
-  ``asset``  assets are split over this axis (data parallel over assets).
-  ``view``   optional second axis: the views of one asset split over devices (batch dimension of the
-             per-asset view batch); size 1 by default.
+  ``asset``  assets are split over this axis (data parallel over assets). This is what the pipeline
+             uses: ``python -m tsjax.optimize --devices N --num-assets K`` (K a multiple of N) runs the K
+             assets' stage 2 as one loop, K/N assets per device
+             (:func:`tsjax.theme.stage2.make_sharded_step`, :func:`tsjax.theme.pipeline.run`).
+  ``view``   second axis reserved for splitting the views of one asset over devices; size 1 by default.
+             What exists: :func:`make_mesh` builds it and :func:`sharded_asset_step` replicates the
+             per-asset data along it. What does not: no step splits its view batch over it (that needs
+             a ``psum`` of the per-view gradients inside the step), so ``views_per_asset > 1`` only
+             duplicates work and the pipeline always uses 1.
 
 Multi-host: call :func:`initialize_distributed` once per process before any other JAX call; then
 ``jax.devices()`` lists the devices of every host and :func:`make_mesh` builds a global mesh. Each
