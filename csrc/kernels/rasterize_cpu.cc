@@ -70,7 +70,7 @@ inline int16_t ToI16(float v) {  // v integral, clamp into [-1, 32767] (W, H <= 
 }
 
 // Queue entry of the filter stage: the clamped box (j0, -j1, i0, -i1) in int16 lanes 0..3,
-// the triangle id in int32 lane 3.
+// the triangle id in int32 lane 3 (lane 2 is unused; the union reads what the SSE store wrote).
 union Entry {
   __m128i v;
   struct {
@@ -82,16 +82,17 @@ union Entry {
 constexpr int kChunk = 4096;  // triangles per filter/raster round (queues stay in L2)
 
 struct Workspace {
-  std::vector<Box> box;     // [V]
+  std::vector<Box> box;     // [V, G] vertex boxes of the item's G views, interleaved
   std::vector<float> zbuf;  // [G, rows, W] + 4 padding
   std::vector<float> px;    // [W + 4] pixel-centre NDC x (PixX), precomputed: no division per pixel
   std::vector<float> py;    // [H] pixel-centre NDC y (PixY)
-  std::vector<Entry> queue; // [kChunk + 4]
+  std::vector<Entry> queue; // [G, kChunk + 4] filter queues (+ 4: the last group is padded)
   int h = 0, w = 0;
 };
 
 // Workspaces outlive a call (the box buffer is large: page faults on every call otherwise); a
-// call takes one per thread and returns it. Concurrent calls each take their own.
+// call takes one per thread and returns it. Concurrent calls each take their own. At most 16 are
+// kept; each holds ~8 G bytes per vertex + 4 G bytes per pixel of its largest call.
 std::mutex g_pool_mu;
 std::vector<std::unique_ptr<Workspace>> g_pool;
 
