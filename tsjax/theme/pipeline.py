@@ -11,7 +11,10 @@ Stages (paper section 3; numbers from the config):
    concept image + img2img-augmented init renders) and the reference prior (colour + normal exemplar
    renders, ", normal map" prompts).
 4. **Stage 2**: DMTet fitted to the init model, then optimised with DSD + contextual loss +
-   regularisers (:mod:`tsjax.theme.stage2`), checkpointed every ``checkpoint_every`` steps.
+   regularisers (:mod:`tsjax.theme.stage2`), checkpointed every ``checkpoint_every`` steps. With
+   ``--devices 1`` (default) the assets run one after another; with ``--devices N`` all K assets
+   (K a multiple of N) are prepared first and their stage 2 runs as ONE loop, K/N assets per device over
+   the ``asset`` mesh axis (:mod:`tsjax.parallel`; same per-asset results up to float round-off).
 5. **Outputs** per asset: ``asset_<k>/model.glb`` + ``model.obj``, turntables (colour, normal), loss
    curve, ``metrics.jsonl``; for the run ``index.html`` and ``manifest.json``.
 
