@@ -1,10 +1,169 @@
-"""Paper-preset stage-2 step lowered at full size with ``jax.eval_shape`` (nothing allocated or run).
+"""End to end on the tiny preset with the real from-scratch priors (reduced steps), and the paper-preset
+stage-2 step lowered at full size with ``jax.eval_shape``.
 
-(The tiny-preset end-to-end run with reduced steps is not here yet: its DSD-loss-decrease check was too
-noisy at 30 steps in the one run made so far.)"""
+The tiny run goes through every stage of ``python -m tsjax.optimize`` (exemplar renders, VAE + theme prior
+trained from scratch, concept sampling, reference prior, nearest-exemplar init + DMTet fit, concept prior
+with img2img pseudo views, DSD stage 2, GLB/OBJ export, turntables, gallery). A second run with
+``guidance.mode=concept_only`` (no reference prior: ablation (a) of the paper) reuses the first run's
+shared-stage caches (same seed, so the same priors, concept image, pseudo views and init) and differs only
+in stage 2; it is the control for the palette check.
+"""
+import json
+import shutil
+
 import numpy as np
 import pytest
 
+# all tests of this module share one pair of runs: keep them on one xdist worker (--dist loadgroup)
+pytestmark = pytest.mark.xdist_group("e2e_tiny")
+
+#: the tiny preset with fewer steps/views (same resolution 64, same networks); ~3-4 min on 2 idle cores.
+REDUCED = ["theme_prior.n_views=8", "theme_prior.train.vae_steps=120", "theme_prior.steps_group=160",
+           "theme_prior.n_concepts=2", "theme_prior.sample_steps=12", "reference_prior.train.steps=100",
+           "reference_prior.n_color=8", "reference_prior.n_normal=8", "concept_prior.train.steps=80",
+           "concept_prior.steps_before_aug=40", "concept_prior.n_init_views=4", "concept_prior.img2img_steps=10",
+           "init.sdf_fit_steps=120", "init.albedo_fit_steps=80", "render.turntable_views=6",
+           "render.turntable_resolution=96", "render.texture_size=128", "checkpoint_every=1000"]
+STEPS = 90
+
+
+def _args(out, extra=()):
+    args = ["--out", str(out), "--steps", str(STEPS), "--no-progress", "--exemplars", "builtin:toy-houses"]
+    for s in REDUCED + list(extra):
+        args += ["--set", s]
+    return args
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """``{"dsd": out_dir, "concept_only": out_dir}`` of the two tiny runs."""
+    from tsjax.config import apply_overrides, load_config, to_dict
+    from tsjax.optimize import main
+
+    root = tmp_path_factory.mktemp("e2e")
+    dsd = root / "dsd"
+    assert main(_args(dsd)) == 0
+    # the control: same seed and shared stages (copied caches), stage 2 guided by the concept prior only
+    ctl = root / "concept_only"
+    (ctl / "asset_0").mkdir(parents=True)
+    shutil.copytree(dsd / "cache", ctl / "cache")
+    for f in ("concept_prior.msgpack", "pseudo_views.msgpack", "geo_init.msgpack"):
+        shutil.copy(dsd / "asset_0" / f, ctl / "asset_0" / f)
+    cfg = apply_overrides(load_config("tiny"), REDUCED + ["guidance.mode=concept_only", f"steps={STEPS}",
+                                                          "data.exemplars=builtin:toy-houses"])
+    (ctl / "config.json").write_text(json.dumps(to_dict(cfg), indent=1, sort_keys=True))
+    assert main(_args(ctl, ["guidance.mode=concept_only"]) + ["--resume"]) == 0
+    return {"dsd": dsd, "concept_only": ctl}
+
+
+def _manifest(out):
+    return json.loads((out / "manifest.json").read_text())
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "asset_0" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_tiny_outputs_exist_and_are_valid(runs):
+    import trimesh
+    from PIL import Image
+
+    out = runs["dsd"]
+    man = _manifest(out)
+    assert man["config"] == "tiny" and man["guidance_mode"] == "dsd" and len(man["assets"]) == 1
+    a = man["assets"][0]
+    assert a["stage2_steps"] == STEPS and len(_metrics(out)) == STEPS
+    scene = trimesh.load(out / a["glb"], force="scene")
+    (geom,) = scene.geometry.values()
+    assert len(geom.faces) == a["num_faces"] > 500
+    assert np.isfinite(geom.vertices).all() and np.abs(geom.vertices).max() < 0.6  # inside the 1.1 grid
+    tex = geom.visual.material.baseColorTexture
+    assert tex is not None and tex.size == (128, 128)
+    assert np.asarray(tex).std() > 2.0  # a painted texture, not a constant
+    assert (out / a["obj"]).is_file() and (out / "asset_0" / "model.mtl").is_file()
+    tt = np.asarray(Image.open(out / a["turntable_color"]).convert("RGB"), np.float32) / 255
+    assert tt.shape[0] >= 96 and tt.shape[1] >= 6 * 96
+    assert 0.02 < (tt < 0.9).any(-1).mean() < 0.9  # the object is on screen and not filling every frame
+    html = (out / "index.html").read_text()
+    for rel in (a["turntable_color"], a["turntable_normal"], a["concept"], a["init_png"], a["loss_curve"]):
+        assert rel in html and (out / rel).is_file()
+    assert all(np.isfinite(r["loss"]) and r["finite"] == 1.0 for r in _metrics(out))
+
+
+def _window_means(values, frac=0.25):
+    a = np.asarray(values, np.float64)
+    w = max(int(len(a) * frac), 1)
+    return a[:w].mean(), a[-w:].mean()
+
+
+@pytest.mark.slow
+def test_tiny_stage2_objective_decreases(runs):
+    """Stage 2 makes progress on its objective; the DSD term itself stays bounded.
+
+    The logged ``loss`` (DSD + contextual + regularisers, the function whose gradient is applied) is
+    compared in windows (mean of the first vs the last quarter of the steps; per-step values are noisy
+    because t and the noise are random). The DSD term is the VSD surrogate
+    ``0.5 * ||w(t) (eps_prior_cfg - eps_lora)||^2``: the size of the distillation gradient, not a quantity
+    VSD drives to zero (with CFG the prior and the LoRA never agree), and in the tiny preset it stays
+    roughly level (measured 18.6 -> 20.8, window means, in this 90-step run); the check is that it does
+    not diverge.
+    """
+    recs = _metrics(runs["dsd"])
+    first, last = _window_means([r["loss"] for r in recs])
+    assert last < 0.95 * first, (first, last)
+    d0, d1 = _window_means([r["loss_dsd"] for r in recs])
+    assert 0 < d1 < 1.5 * d0, (d0, d1)
+    c0, c1 = _window_means([r["loss_contextual"] for r in recs])
+    assert c1 < c0, (c0, c1)
+    for term in ("loss_concept", "loss_ref_color", "loss_ref_normal", "loss_lora"):
+        assert all(np.isfinite(r[term]) and r[term] > 0 for r in recs), term
+
+
+@pytest.mark.slow
+def test_tiny_result_differs_from_every_exemplar(runs):
+    """Chamfer distance (unit-cube units, 5000 samples) from the result to every exemplar.
+
+    The built-in init is the exemplar nearest to the concept silhouette, fitted by DMTet, and the tiny
+    preset's low geometry learning rates keep its massing, so the stated thresholds are: the result is
+    further from that source exemplar than the DMTet fit of the exemplar itself is (+0.001; measured fit
+    0.0239, result 0.0276: a no-op stage 2 fails this), and further than 0.05 from every other exemplar.
+    """
+    from tsjax.config import load_config
+    from tsjax.data.mesh import load_exemplars
+    from tsjax.geometry.dmtet import extract
+    from tsjax.geometry.marching import compact_mesh
+    from tsjax.geometry.tets import build_tet_grid
+    from tsjax.metrics.geometric import chamfer_distance
+    from tsjax.theme.pipeline import _load_tree, build_dmtet_config
+
+    man = _manifest(runs["dsd"])
+    ch = man["assets"][0]["chamfer_to_exemplars"]
+    assert len(ch) == man["num_exemplars"] == 4
+    src = man["assets"][0]["init"]["exemplar"]
+    dm = build_dmtet_config(load_config("tiny"))
+    grid = build_tet_grid(dm.grid_resolution, scale=dm.grid_scale)
+    fit = compact_mesh(extract(_load_tree(runs["dsd"] / "asset_0" / "geo_init.msgpack"), grid, dm))
+    ex = load_exemplars("builtin:toy-houses")[src]
+    fit_err = chamfer_distance(fit, (ex.vertices, ex.faces), n=5000)
+    assert 0.0 < fit_err < 0.04, fit_err  # the init fit is close to its exemplar
+    assert ch[src] > fit_err + 0.001, (ch[src], fit_err)
+    assert all(c > 0.05 for i, c in enumerate(ch) if i != src), ch
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="measured: at the reduced tiny preset the reference prior does not keep "
+                   "the palette closer (palette distance 14.0 with DSD vs 13.6 concept-only; init fit 10.0); "
+                   "open in issue 6")
+def test_tiny_reference_prior_keeps_the_palette(runs):
+    """With the reference prior (DSD) the result's colours (unlit albedo turntable, foreground Lab,
+    sliced W1) should be closer to the exemplars' palette than without it (``guidance.mode=concept_only``,
+    same seed and shared stages). Strict xfail: it records a measured negative result of the tiny preset
+    and fails (XPASS) as soon as the preset does keep the palette, so the marker must then be removed."""
+    p_dsd = _manifest(runs["dsd"])["assets"][0]["palette_distance_to_exemplars"]
+    p_ctl = _manifest(runs["concept_only"])["assets"][0]["palette_distance_to_exemplars"]
+    assert _manifest(runs["concept_only"])["guidance_mode"] == "concept_only"
+    assert p_dsd < p_ctl, (p_dsd, p_ctl)
 
 @pytest.mark.slow
 def test_paper_step_lowers_at_full_size():
