@@ -37,13 +37,15 @@ def _pick3(k, x0, x1, x2):
     return jnp.where(k == 0, x0, jnp.where(k == 1, x1, x2))
 
 
-def _pair_core(c_a, c_b, id_a, id_b, z_a, z_b, v_a, v_b, vi_a, vi_b, pa, pb, horizontal, h, w):
+def _pair_core(c_a, c_b, id_a, id_b, z_a, z_b, v_a, v_b, vi_a, vi_b, pa, pb, horizontal, h, w, stage=False):
     """Colour deltas (d_a, d_b) for pixel pairs a-b (arrays aligned on the pair grid) plus the
     intermediates of the analytic backward (used by :func:`_aa_forward`).
 
     Triangles come as structure-of-arrays: ``v_a = (x0, x1, x2, y0, y1, y2)`` NDC corner
     coordinates and ``vi_a = (i0, i1, i2)`` vertex ids, each [B, h', w'], so every quantity below
-    is a plain elementwise expression.
+    is a plain elementwise expression. ``stage=True`` (same values) materialises (a_front, k, t, ok)
+    behind an optimization barrier and derives the rest from them, so that XLA does not re-evaluate
+    the three edge functions in every separate fusion that produces a backward residual.
     """
     za = jnp.where(id_a > 0, z_a, jnp.inf)
     zb = jnp.where(id_b > 0, z_b, jnp.inf)
@@ -87,6 +89,14 @@ def _pair_core(c_a, c_b, id_a, id_b, z_a, z_b, v_a, v_b, vi_a, vi_b, pa, pb, hor
     shared = has1 & has2 & (id_o > 0)
     ok = (id_a != id_b) & jnp.isfinite(t) & ~shared & orient_ok & (jnp.minimum(za, zb) < jnp.inf)
     t = jnp.where(ok, t, 0.5)
+    ef_k, eo_k = _pick3(k, *efs), _pick3(k, *eos)
+    if stage:
+        a_front, k, t, ok = jax.lax.optimization_barrier((a_front, k, t, ok))
+        k1, k2 = (k + 1) % 3, (k + 2) % 3
+        e1, e2 = _pick3(k1, *vi), _pick3(k2, *vi)
+        ax, ay, bx, by = _pick3(k1, *xs), _pick3(k1, *ys), _pick3(k2, *xs), _pick3(k2, *ys)
+        ef_k = ((ax - pfx) * (by - pfy) - (ay - pfy) * (bx - pfx)) * sgn  # = efs[k], without the others
+        eo_k = ((ax - pox) * (by - poy) - (ay - poy) * (bx - pox)) * sgn
     c_f = jnp.where(a_front[..., None], c_a, c_b)
     c_o = jnp.where(a_front[..., None], c_b, c_a)
     over = jnp.maximum(t - 0.5, 0.0)[..., None]   # front overhangs into the other pixel
@@ -96,7 +106,7 @@ def _pair_core(c_a, c_b, id_a, id_b, z_a, z_b, v_a, v_b, vi_a, vi_b, pa, pb, hor
     d_a = jnp.where(a_front[..., None], d_f, d_o)
     d_b = jnp.where(a_front[..., None], d_o, d_f)
     inter = dict(a_front=a_front, k=k, t=t, ok=ok, sgn=sgn, xs=xs, ys=ys, pf=(pfx, pfy), po=(pox, poy),
-                 ef=_pick3(k, *efs), eo=_pick3(k, *eos), c_f=c_f, c_o=c_o, edge=(ax, ay, bx, by), e12=(e1, e2))
+                 ef=ef_k, eo=eo_k, c_f=c_f, c_o=c_o, edge=(ax, ay, bx, by), e12=(e1, e2))
     return (d_a, d_b), inter
 
 
@@ -148,7 +158,10 @@ def _aa_forward(color, ndc, vi, ids, z, with_res: bool):
             return tuple(x[s] for x in xs)
 
         (da, db), it = _pair_core(color[sa], color[sb], ids[sa], ids[sb], z[sa], z[sb], cut(v, sa), cut(v, sb),
-                                  cut(vis, sa), cut(vis, sb), (px[sa], py[sa]), (px[sb], py[sb]), horizontal, h, w)
+                                  cut(vis, sa), cut(vis, sb), (px[sa], py[sa]), (px[sb], py[sb]), horizontal, h, w,
+                                  stage=with_res)
+        # materialise the deltas once (else each padded / shifted read re-evaluates the pair core)
+        da, db = jax.lax.optimization_barrier((da, db))
         out = out + _pad_back(da, horizontal, False) + _pad_back(db, horizontal, True)
         if not with_res:
             continue
@@ -183,6 +196,9 @@ def _aa_fwd(color, ndc, vi, ids, z):
 def _aa_bwd(saved, g):
     color, res, nb, nv = saved
     b, h, w, _ = g.shape
+    # materialise the cotangent once: otherwise XLA fuses its producer (e.g. the loss gradient of the
+    # forward output, itself a stencil of pair deltas) into every shifted read below and recomputes it
+    g = jax.lax.optimization_barrier(g)
     g_color = g
     g_ndc = None
     for horizontal, r in zip((True, False), res):
@@ -199,7 +215,7 @@ def _aa_bwd(saved, g):
         over = jnp.maximum(t - 0.5, 0.0)[..., None]
         under = jnp.maximum(0.5 - t, 0.0)[..., None]
         g_cf = over * g_o - under * g_f  # d/dc_front; d/dc_other is its negative
-        g_ca = jnp.where(af1, g_cf, -g_cf)
+        g_ca = jax.lax.optimization_barrier(jnp.where(af1, g_cf, -g_cf))
         g_color = g_color + _pad_back(g_ca, horizontal, False) + _pad_back(-g_ca, horizontal, True)
         g_over = jnp.sum(g_o * diff, axis=-1)
         g_under = -jnp.sum(g_f * diff, axis=-1)
