@@ -72,6 +72,10 @@ def test_module_entry_point_help():
     assert r.returncode == 0 and "--exemplars" in r.stdout and "--resume" in r.stdout
 
 
-def test_devices_other_than_one_is_a_clear_error(tmp_path, capsys):
+def test_devices_errors_are_clear(tmp_path, capsys):
+    """--devices N needs K = --num-assets a multiple of N and N visible devices (one here); nothing is written."""
     assert main(["--out", str(tmp_path / "o"), "--set", "perf.devices=2", "--no-progress"]) == 2
-    assert "perf.devices=2" in capsys.readouterr().err
+    assert "--num-assets 1 is not a multiple of the device count" in _err(capsys)
+    assert main(["--out", str(tmp_path / "o"), "--devices", "2", "--num-assets", "2", "--no-progress"]) == 2
+    assert "only 1 cpu device(s) are visible" in _err(capsys)
+    assert not (tmp_path / "o").exists()
