@@ -16,19 +16,9 @@ import pytest
 
 from tsjax.diffusion.sampling import TINY_SCHEDULER
 from tsjax.diffusion.schedulers import scheduler_from_config
+from toy_models import ToyUNet, toy_lora_apply
 
 L, D = 16, 8
-
-
-class ToyUNet(nn.Module):
-    @nn.compact
-    def __call__(self, x, t, ctx, camera=None):
-        h = nn.Conv(8, (3, 3))(x)
-        h = h + nn.Dense(8)(jnp.mean(ctx, 1))[:, None, None, :] + nn.Dense(8)(
-            jnp.sin(t[:, None] / 100.0 * jnp.arange(1, 5)))[:, None, None, :]
-        if camera is not None:
-            h = h + nn.Dense(8, name="camera_embed")(camera)[:, None, None, :]
-        return nn.Conv(4, (3, 3))(jax.nn.silu(h))
 
 
 class ToyVAE(nn.Module):
@@ -91,13 +81,7 @@ def toy_bundle(*_a, **_k):
 
 def toy_lora_parts(model, base_unet, rank, key):
     train = {"camera_embed": base_unet["camera_embed"], "delta": jnp.zeros(())}
-
-    def apply(p, x, t, ctx, camera):
-        base = dict(p["base"])
-        base["camera_embed"] = p["train"]["camera_embed"]
-        return model.unet_apply(base, x, t, ctx, camera) + p["train"]["delta"]
-
-    return train, apply
+    return train, toy_lora_apply(model.unet_apply)
 
 
 SMALL = ["render.resolution=32", "theme_prior.n_views=4", "theme_prior.train.steps=10", "theme_prior.steps_single=10",

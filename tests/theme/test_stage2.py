@@ -1,7 +1,6 @@
 """Stage-2 step on toy denoisers: one compilation, finite named terms, parameters move, NaN guard."""
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,26 +15,9 @@ from tsjax.geometry.tets import build_tet_grid
 from tsjax.guidance.dsd import DSDSettings, PriorPrompts
 from tsjax.guidance.vsd import Denoiser
 from tsjax.theme import stage2 as s2
+from toy_models import ToyUNet, ToyVAEEnc, toy_lora_apply
 
 L, D, RES = 6, 8, 32
-
-
-class ToyUNet(nn.Module):
-    @nn.compact
-    def __call__(self, x, t, ctx, camera=None):
-        h = nn.Conv(8, (3, 3))(x)
-        h = h + nn.Dense(8)(jnp.mean(ctx, 1))[:, None, None, :] + nn.Dense(8)(
-            jnp.sin(t[:, None] / 100.0 * jnp.arange(1, 5)))[:, None, None, :]
-        if camera is not None:
-            h = h + nn.Dense(8, name="camera_embed")(camera)[:, None, None, :]
-        return nn.Conv(4, (3, 3))(jax.nn.silu(h))
-
-
-class ToyVAEEnc(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        h = nn.avg_pool(x, (4, 4), (4, 4))
-        return nn.Conv(4, (1, 1))(h), jnp.zeros(h.shape[:-1] + (4,))
 
 
 def _toy_setup(context_views=2):
@@ -47,10 +29,7 @@ def _toy_setup(context_views=2):
     vp = vae.init(jax.random.key(9), jnp.zeros((1, RES, RES, 3)))["params"]
     apply = lambda p, x, t, c, cam: unet.apply({"params": p}, x, t, c, cam)
 
-    def lora_apply(p, x, t, c, cam):  # "LoRA": trainable camera embedding + additive delta on the base
-        base = dict(p["base"])
-        base["camera_embed"] = p["train"]["camera_embed"]
-        return unet.apply({"params": base}, x, t, c, cam) + p["train"]["delta"]
+    lora_apply = toy_lora_apply(apply)  # "LoRA": trainable camera embedding + additive delta on the base
 
     tbl = lambda k: jax.random.normal(jax.random.key(k), (4, L, D))
     pp = lambda k, p: PriorPrompts(Denoiser(apply, p), tbl(k), tbl(k + 1), jnp.zeros((L, D)))

@@ -37,7 +37,6 @@ K_ASSETS, STEPS, RES, L, D = 4, 3, 32, 6, 8
 
 def _setup():
     """``(spec, optimizer, assets, calls)``: the toy stage-2 spec, and per asset ``(inputs, state, key)``."""
-    import flax.linen as nn
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -53,22 +52,7 @@ def _setup():
     from tsjax.guidance.vsd import Denoiser
     from tsjax.render.camera import make_cameras
     from tsjax.theme import stage2 as s2
-
-    class ToyUNet(nn.Module):
-        @nn.compact
-        def __call__(self, x, t, ctx, camera=None):
-            h = nn.Conv(8, (3, 3))(x)
-            h = h + nn.Dense(8)(jnp.mean(ctx, 1))[:, None, None, :] + nn.Dense(8)(
-                jnp.sin(t[:, None] / 100.0 * jnp.arange(1, 5)))[:, None, None, :]
-            if camera is not None:
-                h = h + nn.Dense(8, name="camera_embed")(camera)[:, None, None, :]
-            return nn.Conv(4, (3, 3))(jax.nn.silu(h))
-
-    class ToyVAEEnc(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            h = nn.avg_pool(x, (4, 4), (4, 4))
-            return nn.Conv(4, (1, 1))(h), jnp.zeros(h.shape[:-1] + (4,))
+    from toy_models import ToyUNet, ToyVAEEnc, toy_lora_apply
 
     unet, vae = ToyUNet(), ToyVAEEnc()
     x0, c0 = jnp.zeros((1, RES // 4, RES // 4, 4)), jnp.zeros((1, L, D))
@@ -81,9 +65,7 @@ def _setup():
         calls.append(1)  # Python side effect: runs only while tracing
         return vae.apply({"params": p}, x)
 
-    def lora_apply(p, x, t, c, cam):
-        base = dict(p["base"], camera_embed=p["train"]["camera_embed"])
-        return unet.apply({"params": base}, x, t, c, cam) + p["train"]["delta"]
+    lora_apply = toy_lora_apply(lambda p, x, t, c, cam: unet.apply({"params": p}, x, t, c, cam))
 
     tbl = lambda k: jax.random.normal(jax.random.key(k), (4, L, D))  # noqa: E731
     hg = HashGridConfig(n_levels=4, n_features=2, log2_table_size=12, base_resolution=4, per_level_scale=1.5)
