@@ -72,45 +72,32 @@ def test_occluding_triangle_edge_and_shared_edges():
     assert abs(out2.sum() - float(_area_px(front) * (24 / 32) ** 2)) < 1.5
 
 
-def _sphere_scene(res=40):
+def test_analytic_backward_matches_autodiff(monkeypatch):
+    # the hand-written VJP of the pair deltas equals JAX's autodiff of the same forward, for the
+    # vertex positions and the colours, on a scene with silhouettes, occlusion and shared edges
+    import importlib
+
     import trimesh
 
     from tsjax.render import camera as C
 
+    aa = importlib.import_module("tsjax.ops.antialias")
     m = trimesh.creation.icosphere(2, radius=0.4)
     cams = C.make_cameras(jnp.array([10.0, -20.0]), jnp.array([20.0, 200.0]), 1.5, fovy=60.0)
     f = jnp.asarray(m.faces, jnp.int32)
-    v = jnp.asarray(m.vertices, jnp.float32)
-    r = rasterize(C.world_to_clip(v, cams), f, (res, res), backend="ref")  # ids held fixed
-    return v, f, r, cams, C
-
-
-def test_new_implementation_equals_reference_values_and_gradients():
-    # the custom-VJP antialias (per-vertex NDC, residual backward) equals the previous formulation
-    # (per-pixel NDC, JAX autodiff of _pair_core) in values and in gradients w.r.t. vertices and
-    # colours, on a scene with silhouettes, occlusion and shared edges; [B,V,4] and shared [V,4] clips
-    from tsjax.ops.antialias import _antialias_reference
-
-    v, f, r, cams, C = _sphere_scene()
     wt = jnp.asarray(np.random.default_rng(1).normal(size=(2, 40, 40, 3)), jnp.float32)
-    tint = jnp.array([0.9, 0.5, 0.2])
 
-    def make(fn, shared):
-        def loss(v, tint):
-            c, _ = interpolate(v * 0.5 + 0.5, r, f)
-            pc = C.world_to_clip(v, cams)
-            pc = pc[0] if shared else pc  # shared: one [V,4] for both images
-            return jnp.sum(fn(c * tint, r, pc, f) * wt), fn(c * tint, r, pc, f)
-        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    v = jnp.asarray(m.vertices, jnp.float32)
+    r = rasterize(C.world_to_clip(v, cams), f, (40, 40), backend="ref")  # ids held fixed
 
-    for shared in (False, True):
-        (l_new, img_new), g_new = make(antialias, shared)(v, tint)
-        (l_ref, img_ref), g_ref = make(_antialias_reference, shared)(v, tint)
-        np.testing.assert_allclose(np.asarray(img_new), np.asarray(img_ref), rtol=0, atol=1e-6)
-        for gn, gr in zip(g_new, g_ref):
-            scale = float(jnp.abs(gr).max())
-            assert scale > 0.1
-            np.testing.assert_allclose(np.asarray(gn), np.asarray(gr), rtol=0, atol=2e-6 * scale)
-        # the blend actually changed pixels (not a no-op scene)
+    def loss(v, tint):
         c, _ = interpolate(v * 0.5 + 0.5, r, f)
-        assert float(jnp.abs(img_ref - c * tint).max()) > 0.05
+        return jnp.sum(antialias(c * tint, r, C.world_to_clip(v, cams), f) * wt)
+
+    tint = jnp.array([0.9, 0.5, 0.2])
+    g_custom = jax.jit(jax.grad(loss, argnums=(0, 1)))(v, tint)
+    monkeypatch.setattr(aa, "_pair_deltas", lambda *args: aa._pair_core(*args)[0])
+    g_auto = jax.jit(jax.grad(loss, argnums=(0, 1)))(v, tint)  # fresh trace: sees the patch
+    for gc, ga in zip(g_custom, g_auto):
+        assert float(jnp.abs(ga).max()) > 0.1
+        np.testing.assert_allclose(np.asarray(gc), np.asarray(ga), rtol=1e-4, atol=1e-4 * float(jnp.abs(ga).max()))
