@@ -109,3 +109,21 @@ def test_background_rays_point_away_from_camera():
     assert d[0, 0, 4, 1] > 0 and d[0, 4, 0, 0] < 0  # top row looks up, left column looks left
     c = s2.background_color(s2.init_background(jax.random.key(0)), cams, 9)
     assert c.shape == (1, 9, 9, 3) and float(c.min()) > 0 and float(c.max()) < 1
+
+
+def test_patch_features_cap_the_contextual_matrix():
+    """Weight-free contextual features: 64 px renders are patched as they are; larger renders are
+    box-filtered first so the feature map stays <= 64 positions a side (512 px: 64x64, not 256x256)."""
+    x = jax.random.uniform(jax.random.key(0), (2, 64, 64, 3))
+    f64 = s2.patch_features(None, x)
+    assert f64.shape == (2, 32, 32, 75)
+    # features are channel-major (c, dy, dx); the centre tap of the 5x5 patch at output (i, j) is input
+    # pixel (2i+1, 2j+1) (SAME padding of a stride-2 5x5 window on 64 px: 1 before, 2 after)
+    np.testing.assert_array_equal(np.asarray(f64[..., [12, 37, 62]]), np.asarray(x[:, 1::2, 1::2]))
+    big = jnp.repeat(jnp.repeat(x, 8, 1), 8, 2)  # 512 px, every pixel repeated 8x8
+    f512 = jax.eval_shape(lambda im: s2.patch_features(None, im), big)
+    assert f512.shape == (2, 64, 64, 75)
+    # the 4x box filter of an 8x-upsampled image is the 2x-upsampled image: same features as at 128 px
+    f = s2.patch_features(None, big)
+    ref = s2.patch_features(None, jnp.repeat(jnp.repeat(x, 2, 1), 2, 2))
+    np.testing.assert_allclose(np.asarray(f), np.asarray(ref), atol=1e-6)

@@ -191,12 +191,22 @@ def init_state(geo: dict, bg: dict, lora: Any, optimizer: optax.GradientTransfor
     return Stage2State(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
 
 
-def patch_features(_params: Any, images: jax.Array, *, patch: int = 5, stride: int = 2) -> jax.Array:
+def patch_features(_params: Any, images: jax.Array, *, patch: int = 5, stride: int = 2,
+                   max_side: int = 64) -> jax.Array:
     """Weight-free contextual features: ``patch x patch`` RGB patches at ``stride`` -> [B,h,w,3*patch^2].
 
     Used for the contextual loss when no VGG19 file is given (``--vgg``): contextual similarity of raw
-    colour patches compares local colour/texture statistics without any learned network.
+    colour patches compares local colour/texture statistics without any learned network. The contextual
+    loss compares every feature position with every other one (an ``(h*w)^2`` matrix per view), so images
+    larger than ``stride * max_side`` pixels are first box-filtered down by an integer factor until the
+    feature map is at most ``max_side`` positions a side: 512 px renders give 64x64 positions (a 64 MiB
+    similarity matrix per view instead of 16 GiB); the tiny preset's 64 px renders are used as they are.
     """
+    B, H, W, C = images.shape
+    f = max(1, -(-max(H, W) // (stride * max_side)))
+    if f > 1:
+        h, w = H // f, W // f
+        images = images[:, : h * f, : w * f].reshape(B, h, f, w, f, C).mean(axis=(2, 4))
     x = jnp.transpose(images, (0, 3, 1, 2))
     p = jax.lax.conv_general_dilated_patches(x, (patch, patch), (stride, stride), "SAME")
     return jnp.transpose(p, (0, 2, 3, 1))
