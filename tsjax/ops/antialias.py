@@ -161,6 +161,15 @@ def _pair_bwd(horizontal, h, w, res, g):
 _pair_deltas.defvjp(_pair_fwd, _pair_bwd)
 
 
+def _materialize(x):
+    """``x`` unchanged ([..., C] float32), copied by the native row gather so that XLA computes its
+    producer once instead of fusing (re-evaluating) it into every shifted read of the pair stencil;
+    identity gradient (the gather's scatter-add transpose)."""
+    n = x.size // x.shape[-1]
+    idx = jnp.arange(n, dtype=jnp.int32)[None]
+    return gather_rows(x.reshape(1, n, x.shape[-1]), idx).reshape(x.shape)
+
+
 def antialias(color: Float[Array, "b h w c"], rast: Float[Array, "b h w 4"],
               pos_clip: Float[Array, "b v 4"] | Float[Array, "v 4"],
               tris: Int[Array, "f 3"]) -> Float[Array, "b h w c"]:
@@ -187,8 +196,10 @@ def antialias(color: Float[Array, "b h w c"], rast: Float[Array, "b h w 4"],
     b, h, w, _ = color.shape
     pos_clip = jnp.broadcast_to(pos_clip, (b,) + pos_clip.shape[1:])
     tris = jnp.asarray(tris, jnp.int32)
-    ids = jax.lax.stop_gradient(rast[..., 3]).astype(jnp.int32)
-    z = jax.lax.stop_gradient(rast[..., 2])
+    color = _materialize(color)
+    zid = _materialize(jax.lax.stop_gradient(rast[..., 2:4]))
+    ids = zid[..., 1].astype(jnp.int32)
+    z = zid[..., 0]
     covered = ids > 0
     vi = gather_rows(tris[None], jnp.where(covered, ids - 1, 0).reshape(b, h * w))  # [B, H*W, 3]
     tri = gather_rows(pos_clip, vi.reshape(b, h * w * 3)).reshape(b, h, w, 3, 4)
