@@ -175,7 +175,7 @@ def _scenario() -> dict:
     for k in range(1, K_ASSETS):  # the assets really differ
         moved = max(moved, abs(float(ref_metrics[k][0]["loss_concept"]) - float(ref_metrics[0][0]["loss_concept"])))
     leaf = jax.tree.leaves(states.params["geo"]["sdf_enc"])[0]
-    specs = sorted({str(x.sharding.spec) for x in jax.tree.leaves(states)})
+    specs = sorted({repr(tuple(x.sharding.spec)) for x in jax.tree.leaves(states)})  # repr of P varies
     return {"devices": jax.device_count(), "step_err": step_err, "frac_close": n_close / n_all, "traj_err": traj_err, "loss_err": loss_err,
             "assets_differ": moved,
             "finite": [float(x) for x in np.ravel(sh_metrics[-1]["finite"])], "steps": [int(o.step) for o in out],
@@ -202,7 +202,7 @@ def test_sharded_stage2_matches_single_asset_runs():
     assert r["vae_calls_per_trace"] > 0 and r["vae_calls_total"] == r["vae_calls_per_trace"], \
         "the sharded step must be traced exactly once over all steps"
     assert r["cache_size"] == 1
-    assert r["state_specs"] == ["PartitionSpec('asset',)"], r["state_specs"]  # every state leaf split on assets
+    assert r["state_specs"] == ["('asset',)"], r["state_specs"]  # every state leaf split on assets
     assert r["num_devices"] == 4 and r["rows_per_device"] == [1, 1, 1, 1]
     assert "asset" in r["metric_spec"]
 
