@@ -42,7 +42,7 @@ demo: build
 	$(PY) -m tsjax.optimize --out $(OUT) --overwrite
 
 test: install-test build validator
-	$(PY) -m pytest -n 2 --dist loadgroup --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 bench: install-test build
 	$(PY) bench/raster.py

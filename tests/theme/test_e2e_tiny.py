@@ -14,9 +14,6 @@ import shutil
 import numpy as np
 import pytest
 
-# all tests of this module share one pair of runs: keep them on one xdist worker (--dist loadgroup)
-pytestmark = pytest.mark.xdist_group("e2e_tiny")
-
 #: the tiny preset with fewer steps/views (same resolution 64, same networks); ~3-4 min on 2 idle cores.
 REDUCED = ["theme_prior.n_views=8", "theme_prior.train.vae_steps=120", "theme_prior.steps_group=160",
            "theme_prior.n_concepts=2", "theme_prior.sample_steps=12", "reference_prior.train.steps=100",
@@ -34,9 +31,22 @@ def _args(out, extra=()):
     return args
 
 
+#: the two runs, made once per process (``make test`` sends a whole file to one xdist worker with
+#: ``--dist loadfile``; a worker may still tear a module fixture down and set it up again between two of
+#: its tests, and a rerun costs minutes; the run folders live in the session's tmp dir, which outlives
+#: the fixture).
+_RUNS: dict = {}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """``{"dsd": out_dir, "concept_only": out_dir}`` of the two tiny runs."""
+    if not _RUNS:
+        _RUNS.update(_make_runs(tmp_path_factory))
+    return dict(_RUNS)
+
+
+def _make_runs(tmp_path_factory):
     from tsjax.config import apply_overrides, load_config, to_dict
     from tsjax.optimize import main
 
