@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 $(VENV)/.runtime: requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+	$(PIP) install -q --upgrade pip "setuptools>=68" wheel
 	$(PIP) install -q -r requirements.txt
 	@touch $@
 
