@@ -317,7 +317,6 @@ def step_programs(spec, opt):
     (one for the fused variant, three for the split one, built as :func:`tsjax.theme.stage2.make_step`
     builds them), ``call(compiled, state, inputs, key) -> (state, metrics)`` composes compiled programs."""
     import jax
-    import jax.numpy as jnp
 
     from tsjax.theme import stage2 as S
 
@@ -325,18 +324,7 @@ def step_programs(spec, opt):
     if perf.fuse_contextual or spec.context_views == 0:
         f = S.make_step(spec, opt)  # the jitted fused step itself
         return [("step", f, lambda st, inp, k: (st, inp, k))], lambda c, st, inp, k: c[0](st, inp, k)
-    loss_fn, update0 = S._build(spec)
-
-    def grads_of(part):
-        def g(params, step, inputs, key):
-            k = jax.random.fold_in(key, step)
-            (_, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, step, inputs, k, part)
-            return grads, m
-        return jax.jit(g)
-
-    gm, gc = grads_of("main"), grads_of("ctx")
-    upd = jax.jit(lambda state, grads, m: update0(opt, state, grads, m),
-                  donate_argnums=(0,) if perf.donate else ())
+    gm, gc, upd = S.make_split_parts(spec, opt)
 
     def upd_args(st, inp, k):
         grads, m = jax.eval_shape(gm, st.params, st.step, inp, k)
@@ -347,11 +335,8 @@ def step_programs(spec, opt):
              ("update", upd, upd_args)]
 
     def call(c, st, inp, k):
-        g1, m1 = c[0](st.params, st.step, inp, k)
-        g2, m2 = c[1](st.params, st.step, inp, k)
-        grads = jax.tree_util.tree_map(jnp.add, g1, g2)
-        m = dict(m1, loss_contextual=m2["loss_contextual"], loss=m1["loss"] + m2["loss"])
-        return c[2](st, grads, m)
+        args = (st.params, st.step, inp, k)
+        return c[2](st, *S.combine_split(*c[0](*args), *c[1](*args)))
 
     return progs, call
 

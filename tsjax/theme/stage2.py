@@ -381,28 +381,44 @@ def _build(spec: Stage2Spec):
     return loss_fn, update
 
 
+def _grads_jit(loss_fn: Callable, part: str) -> Callable:
+    """``jit((params, step, inputs, key) -> (grads, metrics))`` of loss part ``part`` ("all" | "main" | "ctx")."""
+    def g(params, step, inputs, key):
+        k = jax.random.fold_in(key, step)
+        (_, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, step, inputs, k, part)
+        return grads, m
+    return jax.jit(g)
+
+
+def combine_split(g_main: dict, m_main: dict, g_ctx: dict, m_ctx: dict) -> tuple[dict, dict]:
+    """The un-fused step's gradient and metrics: the main and contextual parts summed."""
+    return (jax.tree_util.tree_map(jnp.add, g_main, g_ctx),
+            dict(m_main, loss_contextual=m_ctx["loss_contextual"], loss=m_main["loss"] + m_ctx["loss"]))
+
+
+def make_split_parts(spec: Stage2Spec, optimizer: optax.GradientTransformation
+                     ) -> tuple[Callable, Callable, Callable]:
+    """The three jitted programs of the un-fused step (``perf.fuse_contextual=False``): ``(grad_main,
+    grad_ctx, update)``; ``grad_*(params, step, inputs, key) -> (grads, metrics)``, combined with
+    :func:`combine_split`, then ``update(state, grads, metrics) -> (state, metrics)`` (``state`` donated
+    when ``perf.donate``). :func:`make_step` composes them; benchmarks compile them one by one."""
+    loss_fn, update0 = _build(spec)
+    upd = jax.jit(lambda state, grads, m: update0(optimizer, state, grads, m),
+                  donate_argnums=(0,) if spec.perf.donate else ())
+    return _grads_jit(loss_fn, "main"), _grads_jit(loss_fn, "ctx"), upd
+
+
 def make_grad_fn(spec: Stage2Spec) -> Callable[[dict, jax.Array, Stage2Inputs, jax.Array], tuple[dict, dict]]:
     """``grads_fn(params, step, inputs, key) -> (grads, metrics)``: the gradient the step applies (same
     key derivation, same ``spec.perf`` implementation: one jit, or main + contextual jits summed). For
     parity tests and benchmarks of the loss/gradient part alone."""
     loss_fn, _ = _build(spec)
-
-    def grads_of(part):
-        def g(params, step, inputs, key):
-            k = jax.random.fold_in(key, step)
-            (_, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, step, inputs, k, part)
-            return grads, m
-        return jax.jit(g)
-
     if spec.perf.fuse_contextual or spec.context_views == 0:
-        return grads_of("all")
-    gm, gc = grads_of("main"), grads_of("ctx")
+        return _grads_jit(loss_fn, "all")
+    gm, gc = _grads_jit(loss_fn, "main"), _grads_jit(loss_fn, "ctx")
 
     def split(params, step, inputs, key):
-        g1, m1 = gm(params, step, inputs, key)
-        g2, m2 = gc(params, step, inputs, key)
-        return (jax.tree_util.tree_map(jnp.add, g1, g2),
-                dict(m1, loss_contextual=m2["loss_contextual"], loss=m1["loss"] + m2["loss"]))
+        return combine_split(*gm(params, step, inputs, key), *gc(params, step, inputs, key))
 
     return split
 
@@ -466,17 +482,12 @@ def make_step(spec: Stage2Spec, optimizer: optax.GradientTransformation
     callables in the spec/inputs (:func:`with_compute`, :func:`prepare_inputs`), not here.
     """
     perf, K = spec.perf, spec.context_views
-    donate = (0,) if perf.donate else ()
-    _, update0 = _build(spec)
-    update = lambda state, grads, m: update0(optimizer, state, grads, m)  # noqa: E731
     if perf.fuse_contextual or K == 0:
-        return jax.jit(make_step_fn(spec, optimizer), donate_argnums=donate)
-
-    grads_fn = make_grad_fn(spec)
-    upd = jax.jit(update, donate_argnums=donate)
+        return jax.jit(make_step_fn(spec, optimizer), donate_argnums=(0,) if perf.donate else ())
+    gm, gc, upd = make_split_parts(spec, optimizer)
 
     def split_step(state: Stage2State, inputs: Stage2Inputs, key: jax.Array):
-        grads, m = grads_fn(state.params, state.step, inputs, key)
-        return upd(state, grads, m)
+        args = (state.params, state.step, inputs, key)
+        return upd(state, *combine_split(*gm(*args), *gc(*args)))
 
     return split_step
