@@ -62,6 +62,10 @@ class PriorTrainConfig:
     resolution: image side in pixels the prior is trained at (the model's native size when 0).
     vae_steps: autoencoder steps before the UNet when training a tiny model from scratch.
     camera: condition on the camera (flattened c2w, dropped with probability ``camera_dropout``).
+    prompt_dropout: probability of training a sample on the empty prompt instead of its own. Classifier-free
+      guidance (every sampler and VSD term here) mixes the empty-prompt prediction in; a pretrained Stable
+      Diffusion already has that unconditional model (DreamBooth fine-tunes keep 0, as the official code),
+      but a prior trained from scratch never sees the empty prompt unless it is dropped in (tiny: 0.1).
     """
 
     model: str = "tiny"
@@ -72,6 +76,11 @@ class PriorTrainConfig:
     vae_steps: int = 0
     camera: bool = True
     camera_dropout: float = 0.1
+    prompt_dropout: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.prompt_dropout < 1.0:
+            raise ValueError(f"prompt_dropout={self.prompt_dropout} must be in [0, 1)")
 
 
 @_frozen
@@ -155,6 +164,9 @@ class GuidanceConfig:
     normal_distillation: also distil the normal render with the reference prior.
     lora_rank / lora_lr / camera_dropout: the VSD LoRA (rank 4, lr 1e-4, camera dropped 10%).
     contextual / contextual_weight / contextual_views: contextual loss against the img2img views.
+    view_prompts: view-dependent prompt suffixes (", front view", ...) in stage 2, as the official code does
+      with Stable Diffusion, which knows those words. Priors trained from scratch on one prompt (tiny) never
+      saw them, so their stage-2 prompts are the training prompts (the camera condition carries the view).
     """
 
     mode: str = "dsd"
@@ -171,6 +183,7 @@ class GuidanceConfig:
     contextual: bool = True
     contextual_weight: float = 100.0
     contextual_views: int = 4
+    view_prompts: bool = True
 
     def __post_init__(self):
         if self.mode not in GUIDANCE_MODES:

@@ -25,8 +25,8 @@ import optax
 
 from tsjax.config import PriorTrainConfig
 
-__all__ = ["load_base", "train_vae", "encode_images", "encode_prompts", "finetune_unet", "sample_images",
-           "denoise_scores", "foreground_mask"]
+__all__ = ["load_base", "train_vae", "encode_images", "encode_prompts", "finetune_unet", "prompt_rows",
+           "sample_images", "denoise_scores", "foreground_mask"]
 
 
 def load_base(cfg: PriorTrainConfig, weights: str | None, key: jax.Array, *, seed: int = 0):
@@ -97,11 +97,15 @@ def finetune_unet(model, unet_params: Any, images: np.ndarray, prompts: Sequence
     text encoder are frozen (latents and prompt embeddings are computed once). Returns the UNet params.
     ``resume_state``/``state_out``: continue from / hand back the :class:`TrainState` (so a schedule can
     be split in two phases with the same optimiser state, as the concept prior does).
+    With ``cfg.prompt_dropout = p`` each drawn sample is trained on the empty prompt ``""`` with
+    probability p (host-side draws from ``key``, so a run is reproducible), which teaches a from-scratch
+    prior the unconditional prediction that classifier-free guidance uses.
     """
     from tsjax.diffusion.train import FinetuneConfig, init_train_state, make_finetune_step
 
     latents = encode_images(model, images)
-    uniq = sorted(set(prompts))
+    p_drop = float(getattr(cfg, "prompt_dropout", 0.0))
+    uniq = sorted(set(prompts) | ({""} if p_drop > 0 else set()))
     table = encode_prompts(model, uniq)
     pid = np.asarray([uniq.index(p) for p in prompts])
     lr = cfg.lr if lr is None else lr
@@ -116,9 +120,10 @@ def finetune_unet(model, unet_params: Any, images: np.ndarray, prompts: Sequence
         state = resume_state
     rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2 ** 31 - 1)))
     cams = None if not use_cam else jnp.asarray(cameras, jnp.float32)
+    empty = uniq.index("") if p_drop > 0 else -1
     for i in range(steps):
         idx = _batches(len(images), cfg.batch_size, rng)
-        batch = {"latents": latents[idx], "context": table[pid[idx]]}
+        batch = {"latents": latents[idx], "context": table[prompt_rows(pid[idx], rng, p_drop, empty)]}
         if cams is not None:
             batch["camera"] = cams[idx]
         state, m = step(state, batch, key)
@@ -129,6 +134,15 @@ def finetune_unet(model, unet_params: Any, images: np.ndarray, prompts: Sequence
     if state_out is not None:
         state_out["state"] = state
     return state.params["unet"]
+
+
+def prompt_rows(rows: np.ndarray, rng: np.random.Generator, p_drop: float, empty: int) -> np.ndarray:
+    """Prompt-table rows ``[n]`` of a training batch with each replaced by the empty prompt's row ``empty``
+    with probability ``p_drop`` (independent draws from ``rng``; unchanged, and ``rng`` untouched, when
+    ``p_drop`` is 0)."""
+    if p_drop <= 0:
+        return rows
+    return np.where(rng.random(len(rows)) < p_drop, empty, rows)
 
 
 def sample_images(model, unet_params: Any, prompts: Sequence[str], key: jax.Array, *, resolution: int,
