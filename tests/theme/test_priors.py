@@ -33,3 +33,10 @@ def test_tiny_priors_learn_the_unconditional_prompt_and_use_their_training_promp
     with pytest.raises(ValueError, match="prompt_dropout"):
         PriorTrainConfig(prompt_dropout=1.0)
     assert GuidanceConfig().view_prompts is True
+
+
+def test_view_prompt_rows_with_and_without_suffixes():
+    from tsjax.theme.prompts import DIRECTIONS, view_prompts
+
+    assert view_prompts("a house") == [f"a house, {d} view" for d in DIRECTIONS]
+    assert view_prompts("a house", suffixes=False) == ["a house"] * len(DIRECTIONS)

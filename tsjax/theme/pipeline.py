@@ -372,15 +372,12 @@ def run(cfg: Config, opts: RunOptions) -> dict:
     timings["reference_prior_s"] = time.perf_counter() - t0
 
     # prompt tables shared by every asset
-    from tsjax.theme.prompts import DIRECTIONS, view_prompts
-
-    def rows(prompt: str) -> list[str]:  # one prompt per view direction (tsjax.theme.prompts.DIRECTIONS)
-        return view_prompts(prompt) if g.view_prompts else [prompt] * len(DIRECTIONS)
+    from tsjax.theme.prompts import view_prompts
 
     tables = {
-        "concept": P.encode_prompts(base, rows(y_concept)),
-        "theme": P.encode_prompts(base, rows(y_theme)),
-        "normal": P.encode_prompts(base, rows(y_normal)),
+        "concept": P.encode_prompts(base, view_prompts(y_concept, g.view_prompts)),
+        "theme": P.encode_prompts(base, view_prompts(y_theme, g.view_prompts)),
+        "normal": P.encode_prompts(base, view_prompts(y_normal, g.view_prompts)),
         "uncond": P.encode_prompts(base, [""])[0],
     }
     features, feat_params = _contextual_features(opts.vgg)

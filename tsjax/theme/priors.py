@@ -104,7 +104,7 @@ def finetune_unet(model, unet_params: Any, images: np.ndarray, prompts: Sequence
     from tsjax.diffusion.train import FinetuneConfig, init_train_state, make_finetune_step
 
     latents = encode_images(model, images)
-    p_drop = float(getattr(cfg, "prompt_dropout", 0.0))
+    p_drop = cfg.prompt_dropout
     uniq = sorted(set(prompts) | ({""} if p_drop > 0 else set()))
     table = encode_prompts(model, uniq)
     pid = np.asarray([uniq.index(p) for p in prompts])

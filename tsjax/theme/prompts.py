@@ -30,9 +30,11 @@ def concept_prompt(class_name: str, token: str) -> str:
     return f"a 3D model of {token} {class_name}"
 
 
-def view_prompts(base: str) -> list[str]:
-    """``[base + ", <d> view" for d in DIRECTIONS]`` (the row order of every prompt table)."""
-    return [f"{base}, {d} view" for d in DIRECTIONS]
+def view_prompts(base: str, suffixes: bool = True) -> list[str]:
+    """``[base + ", <d> view" for d in DIRECTIONS]`` (the row order of every prompt table); with
+    ``suffixes=False`` every row is ``base`` (``guidance.view_prompts=False``: priors that never saw the
+    suffixes are prompted as they were trained)."""
+    return [f"{base}, {d} view" if suffixes else base for d in DIRECTIONS]
 
 
 def direction_ids(elevation, azimuth):
