@@ -1,11 +1,13 @@
-"""Diffusion building blocks: attention implementations, timestep features, bf16 compute vs fp32."""
+"""Diffusion building blocks: attention implementations, timestep features, bf16 compute vs fp32, the CPU conv kernel gradient."""
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tsjax.diffusion import layers
 from tsjax.diffusion.layers import attention, timestep_embedding
 from tsjax.diffusion.unet import UNet2DConditionModel, UNetConfig
 
@@ -85,3 +87,48 @@ def test_unet_bf16_compute_tracks_fp32_with_fp32_master_params():
     k32 = np.asarray(g32["conv_in"]["kernel"])
     k16 = np.asarray(g16["conv_in"]["kernel"])
     assert np.corrcoef(k32.ravel(), k16.ravel())[0, 1] > 0.99
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_conv3x3_tap_kernel_gradient_matches_xla(dtype):
+    """Large 3x3 convs take the per-tap GEMM kernel gradient on CPU: same value and gradients as nn.Conv."""
+    x = jax.random.normal(jax.random.key(0), (1, 64, 64, 128), jnp.float32)
+    fast = layers.conv(128, 3, "c", dtype)
+    plain = nn.Conv(128, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype, param_dtype=jnp.float32)
+    p = fast.init(jax.random.key(1), x)
+    w = jax.random.normal(jax.random.key(2), (1, 64, 64, 128), jnp.float32)
+
+    def loss(m):
+        return lambda p, x, w: jnp.sum(m.apply(p, x).astype(jnp.float32) * w)
+
+    np.testing.assert_array_equal(fast.apply(p, x), plain.apply(p, x))  # the forward is XLA's conv
+    g_fast = jax.jit(jax.grad(loss(fast), argnums=(0, 1)))(p, x, w)
+    g_plain = jax.jit(jax.grad(loss(plain), argnums=(0, 1)))(p, x, w)
+    (gb, gk), gx = jax.tree.leaves(g_fast[0]), g_fast[1]
+    (pb, pk), px = jax.tree.leaves(g_plain[0]), g_plain[1]
+    assert gk.dtype == jnp.float32 and gk.shape == (3, 3, 128, 128)
+    # the input gradient is XLA's transposed conv on both paths (compiled in another fusion context:
+    # last-bit differences); the kernel gradient sums 64*64 pixel products in another order: 1e-5 of the
+    # gradient's scale in float32; bf16 operands are rounded the same way, the outputs are not: 1e-2
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    for a, b in ((gx, px), (gb, pb), (gk, pk)):
+        np.testing.assert_allclose(a, b, atol=tol * float(jnp.max(jnp.abs(b))))
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss(fast)))(p, x, w))
+    assert "branches_platforms=(('cpu',), None)" in jaxpr  # the large conv's backward took the tap path
+
+
+def test_conv3x3_tap_path_limits():
+    """Small maps, few channels, strides and other kernel sizes keep lax.conv_general_dilated."""
+    def taken(shape, features, kernel=3, stride=1):
+        m = layers.conv(features, kernel, "c", jnp.float32, stride=stride)
+        x = jnp.zeros(shape)
+        p = jax.eval_shape(m.init, jax.random.key(0), x)
+        return "custom_vjp_call" in str(jax.make_jaxpr(m.apply)(p, x))
+
+    assert taken((1, 64, 64, 128), 128)
+    assert taken((2, 32, 64, 320), 320)          # 4096 pixels over the batch
+    assert not taken((1, 32, 64, 320), 320)      # 2048 pixels
+    assert not taken((1, 128, 128, 32), 128)     # Cin < 128
+    assert not taken((1, 128, 128, 128), 64)     # Cout < 128
+    assert not taken((1, 128, 128, 128), 128, kernel=1)
+    assert not taken((1, 128, 128, 128), 128, stride=2)
