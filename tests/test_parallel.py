@@ -119,3 +119,105 @@ def test_initialize_distributed_needs_all_three(monkeypatch):
     monkeypatch.setenv("TSJAX_COORDINATOR", "localhost:1234")
     with pytest.raises(ValueError, match="TSJAX_NUM_PROCESSES"):
         par.initialize_distributed()
+
+
+MULTI = textwrap.dedent(
+    r"""
+    import json, os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    from tsjax import parallel as par
+    assert par.initialize_distributed()  # from the TSJAX_* variables
+    import jax, jax.numpy as jnp, numpy as np
+
+    def step(state, batch, key, shared):
+        noise = jax.random.normal(key, state.shape)
+        new = state * shared["scale"] + batch @ shared["m"] + 0.1 * noise
+        return new, {"norm": jnp.sum(new ** 2), "key_bits": jax.random.bits(key).astype(jnp.float32)}
+
+    K = 8
+    rng = np.random.default_rng(0)
+    states = [rng.normal(size=(3,)).astype(np.float32) for _ in range(K)]
+    batches = [rng.normal(size=(5,)).astype(np.float32) for _ in range(K)]
+    shared = {"scale": np.float32(0.9), "m": rng.normal(size=(5, 3)).astype(np.float32)}
+    keys = [jax.random.fold_in(jax.random.key(0), i) for i in range(K)]
+
+    mesh = par.make_mesh(jax.device_count())
+    mine = par.process_asset_indices(mesh, K)
+    multi = par.sharded_asset_step(step, mesh, num_shared=1)
+    st = par.shard_local_assets([states[k] for k in mine], mesh, K)
+    bt = par.shard_local_assets([batches[k] for k in mine], mesh, K)
+    ks = par.shard_local_assets([keys[k] for k in mine], mesh, K)
+    sh = par.replicate(shared, mesh)
+    for _ in range(3):
+        st, m = multi(st, bt, ks, sh)
+    rows = par.local_asset_rows({"state": st, "m": m, "key": ks})
+    # the same steps for this process's assets, one at a time on the local device
+    single = jax.jit(step)
+    err, key_ok = 0.0, True
+    for k, row in zip(mine, rows):
+        s = jnp.asarray(states[k])
+        for _ in range(3):
+            s, mk = single(s, jnp.asarray(batches[k]), keys[k], shared)
+        err = max(err, float(np.max(np.abs(np.asarray(s) - row["state"]))),
+                  float(abs(mk["norm"] - row["m"]["norm"])))
+        key_ok &= bool(np.array_equal(jax.random.key_data(row["key"]), jax.random.key_data(keys[k])))
+    par.barrier("test-done")
+    print(json.dumps({"process": jax.process_index(), "devices": jax.device_count(),
+                      "local": len(jax.local_devices()), "mine": mine, "err": err, "keys": key_ok,
+                      "min": par.min_over_processes(10 + jax.process_index())}))
+    """
+)
+
+
+def test_two_processes_feed_and_read_only_their_assets():
+    """jax.distributed on localhost, 2 processes x 2 CPU devices: each process builds the global arrays
+    from its own assets, runs the sharded step and reads back exactly the single-asset results."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for pid in range(2):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", TSJAX_COORDINATOR=f"localhost:{port}",
+                   TSJAX_NUM_PROCESSES="2", TSJAX_PROCESS_ID=str(pid))
+        env.pop("XLA_FLAGS", None)
+        procs.append(subprocess.Popen([sys.executable, "-c", MULTI], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, env=env))
+    outs = []
+    try:
+        for p in procs:
+            o, e = p.communicate(timeout=300)
+            assert p.returncode == 0, e[-3000:]
+            outs.append(json.loads(o.strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [r["process"] for r in outs] == [0, 1]
+    assert all(r["devices"] == 4 and r["local"] == 2 for r in outs)
+    assert outs[0]["mine"] == [0, 1, 2, 3] and outs[1]["mine"] == [4, 5, 6, 7]
+    assert all(r["err"] <= 1e-5 and r["keys"] for r in outs), outs
+    assert all(r["min"] == 10 for r in outs)
+
+
+def test_process_asset_indices_single_process():
+    from tsjax import parallel as par
+
+    mesh = par.make_mesh(1)
+    assert par.process_asset_indices(mesh, 3) == [0, 1, 2]
+    with pytest.raises(ValueError, match="this process holds assets"):
+        par.shard_local_assets([{"a": 1.0}], mesh, 2)
+
+
+def test_initialize_distributed_checks_ids(monkeypatch):
+    from tsjax import parallel as par
+
+    monkeypatch.setenv("TSJAX_COORDINATOR", "localhost:1234")
+    monkeypatch.setenv("TSJAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("TSJAX_PROCESS_ID", "2")
+    with pytest.raises(ValueError, match=r"must be in \[0, TSJAX_NUM_PROCESSES=2\)"):
+        par.initialize_distributed()
+    monkeypatch.setenv("TSJAX_PROCESS_ID", "one")
+    with pytest.raises(ValueError, match="must be integers"):
+        par.initialize_distributed()

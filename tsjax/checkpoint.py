@@ -53,12 +53,25 @@ def state_is_alive(state: Any) -> bool:
 
 
 class Checkpointer:
-    """Save/restore states under ``directory`` (one sub-folder per step, newest ``max_to_keep`` kept)."""
+    """Save/restore states under ``directory`` (one sub-folder per step, newest ``max_to_keep`` kept).
+
+    The checkpointer belongs to the calling process alone: in a multi-process run (``jax.distributed``)
+    each process saves its own assets' host states, so orbax is told that this process is the only
+    active one and the primary host of this directory (no cross-process barriers, which would otherwise
+    wait for processes that never save here).
+    """
 
     def __init__(self, directory: str | Path, *, max_to_keep: int = 2):
         self.directory = Path(directory).resolve()
+        extra: dict[str, Any] = {"create": True}
+        if jax.process_count() > 1:  # orbax refuses create=True with active_processes
+            self.directory.mkdir(parents=True, exist_ok=True)
+            extra["create"] = False
+            pid = jax.process_index()
+            extra["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
+                primary_host=pid, active_processes={pid}, barrier_sync_key_prefix=f"tsjax-{self.directory}")
         self._mngr = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, **extra))
 
     def save(self, step: int, state: Any, *, meta: dict | None = None) -> Path:
         """Blocking save of ``state`` at ``step`` (overwrites an existing checkpoint of that step)."""

@@ -11,6 +11,9 @@ Examples::
     python -m tsjax.optimize --set guidance.mode=naive --num-assets 3 --out runs/naive --resume
     # 4 assets optimised together, one per GPU (stage 2 sharded over an ``asset`` device-mesh axis)
     python -m tsjax.optimize --num-assets 4 --devices 4 --out runs/four
+    # 2 hosts x 8 GPUs, 16 assets (run on every host; --out on a shared filesystem; see tsjax.parallel)
+    TSJAX_COORDINATOR=host0:1234 TSJAX_NUM_PROCESSES=2 TSJAX_PROCESS_ID=$RANK \\
+        python -m tsjax.optimize --num-assets 16 --devices 16 --out /shared/runs/sixteen
 
 Outputs in ``--out``: ``index.html`` (gallery: exemplars, concept images, init, results side by side),
 ``manifest.json``, ``config.json``, ``concepts/``, ``exemplars/`` and per asset ``asset_<k>/`` with
@@ -113,6 +116,9 @@ def evaluate_run(args: argparse.Namespace, cfg) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from tsjax.parallel import initialize_distributed
+
+        initialize_distributed()  # multi-host: TSJAX_COORDINATOR/NUM_PROCESSES/PROCESS_ID (before any JAX work)
         from tsjax.theme.pipeline import NonFiniteLossError, RunOptions, run
 
         from tsjax.compile_cache import default_cache_dir, enable_compile_cache

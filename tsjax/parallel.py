@@ -19,16 +19,24 @@ Mesh axes:
              a ``psum`` of the per-view gradients inside the step), so ``views_per_asset > 1`` only
              duplicates work and the pipeline always uses 1.
 
-Multi-host: call :func:`initialize_distributed` once per process before any other JAX call; then
-``jax.devices()`` lists the devices of every host and :func:`make_mesh` builds a global mesh. Each
-process feeds its addressable shard (``jax.make_array_from_process_local_data``); everything else is
-unchanged. Typical launch (2 hosts x 8 GPUs)::
+Multi-host (multi-controller JAX): ``python -m tsjax.optimize`` calls :func:`initialize_distributed`
+before any other JAX call when the ``TSJAX_*`` variables below are set; then ``jax.devices()`` lists the
+devices of every process and :func:`make_mesh` builds a global mesh. Each process prepares and feeds
+only the assets whose shards live on its own devices (:func:`process_asset_indices`,
+:func:`shard_local_assets`), reads back only those (:func:`local_asset_rows`), and replicated weights
+are built from each process's identical host copy (:func:`replicate`). The sharded step itself has no
+collectives, so processes never wait for each other inside the stage-2 loop. Typical launch (2 hosts x
+8 GPUs, ``--out`` on a filesystem every host sees)::
 
     TSJAX_COORDINATOR=host0:1234 TSJAX_NUM_PROCESSES=2 TSJAX_PROCESS_ID=$RANK \\
-        python -m tsjax.optimize --devices 16 --num-assets 16 ...
+        python -m tsjax.optimize --devices 16 --num-assets 16 --out /shared/runs/x ...
 
-On SLURM/Open MPI/Cloud TPU the three variables may be omitted: ``jax.distributed.initialize()``
-detects the cluster itself.
+What the pipeline does with several processes (:func:`tsjax.theme.pipeline.run`): process 0 runs the
+shared stages (exemplar renders, theme prior, concept images, reference prior) and caches them under
+``--out``; the others wait at a barrier and load them; every process then runs its own assets' concept
+priors, init models and the stage-2 loop; process 0 writes the gallery and manifest after a final
+barrier. ``--devices`` must then be the global device count. On CPU the processes talk through gloo
+(set here), which is how the tests run two processes on one machine.
 
 CPU testing: ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` (set before importing jax) gives
 four host devices, which is how the sharding tests run.
@@ -58,6 +66,11 @@ __all__ = [
     "unstack_assets",
     "sharded_asset_step",
     "initialize_distributed",
+    "process_asset_indices",
+    "shard_local_assets",
+    "local_asset_rows",
+    "barrier",
+    "min_over_processes",
 ]
 
 
@@ -122,9 +135,106 @@ def shard_assets(tree: Any, mesh: Mesh) -> Any:
     return jax.device_put(tree, asset_sharding(mesh))
 
 
+def _global_leaf(x: Any, sharding: NamedSharding, shape: tuple[int, ...], local_rows: Sequence[int] | None):
+    """One leaf as a global array: ``x`` holds the whole array (``local_rows is None``) or, stacked in
+    order, the rows ``local_rows`` of axis 0 (this process's assets). Typed PRNG keys go through their
+    raw key data."""
+    if _is_key(x):
+        data = _global_leaf(jax.random.key_data(x), sharding, shape + jax.random.key_data(x).shape[x.ndim:],
+                            local_rows)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    if local_rows is None:
+        return jax.make_array_from_callback(shape, sharding, lambda idx: host[idx])
+    where = {k: i for i, k in enumerate(local_rows)}
+
+    def rows(idx):
+        sl = idx[0]
+        ks = range(*sl.indices(shape[0]))
+        return host[[where[k] for k in ks]][(slice(None),) + tuple(idx[1:])]
+
+    return jax.make_array_from_callback(shape, sharding, rows)
+
+
 def replicate(tree: Any, mesh: Mesh) -> Any:
-    """``device_put`` every leaf of ``tree`` replicated over the whole mesh."""
-    return jax.device_put(tree, replicated(mesh))
+    """Every leaf of ``tree`` replicated over the whole mesh.
+
+    Multi-host safe: each process passes its own (identical) host copy and only its addressable devices
+    are written (``jax.make_array_from_callback``), so no process needs another's data.
+    """
+    sh = replicated(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sh)
+    return jax.tree.map(lambda x: _global_leaf(x, sh, tuple(np.shape(x)), None), tree)
+
+
+def process_asset_indices(mesh: Mesh, num_assets: int, process_index: int | None = None) -> list[int]:
+    """The asset indices (rows of the asset axis) whose shards live on devices of ``process_index``
+    (default: this process), sorted. With one process: ``range(num_assets)``."""
+    if num_assets % mesh.shape[ASSET]:
+        raise ValueError(f"{num_assets} assets cannot be split evenly over {mesh.shape[ASSET]} devices on the "
+                         f"'{ASSET}' axis; use a multiple of {mesh.shape[ASSET]} assets")
+    pid = jax.process_index() if process_index is None else process_index
+    rows: set[int] = set()
+    for dev, idx in asset_sharding(mesh).devices_indices_map((num_assets,)).items():
+        if dev.process_index == pid:
+            rows.update(range(*idx[0].indices(num_assets)))
+    return sorted(rows)
+
+
+def shard_local_assets(local_trees: Sequence[Any], mesh: Mesh, num_assets: int) -> Any:
+    """Global arrays (leading asset axis ``num_assets``, split over ``asset``) from this process's assets.
+
+    ``local_trees[i]`` is the pytree of asset ``process_asset_indices(mesh, num_assets)[i]``; with one
+    process this is :func:`shard_assets` of :func:`stack_assets`. Every process calls it with its own
+    assets (same structure and leaf shapes on every process)."""
+    mine = process_asset_indices(mesh, num_assets)
+    if len(local_trees) != len(mine):
+        raise ValueError(f"this process holds assets {mine} of {num_assets} but {len(local_trees)} were given")
+    if jax.process_count() == 1:
+        return shard_assets(stack_assets(local_trees), mesh)
+    stacked = stack_assets(local_trees)
+    sh = asset_sharding(mesh)
+    return jax.tree.map(lambda x: _global_leaf(x, sh, (num_assets,) + tuple(np.shape(x))[1:], mine), stacked)
+
+
+def local_asset_rows(tree: Any) -> list[Any]:
+    """This process's assets of a tree of asset-sharded global arrays, as host pytrees in asset order
+    (:func:`unstack_assets` of the addressable rows; with one process, of every row)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    if not leaves:
+        return []
+    if all(getattr(x, "is_fully_addressable", True) for x in leaves):
+        return unstack_assets(tree)
+    cols = []
+    for x in leaves:
+        key = _is_key(x)
+        data = jax.random.key_data(x) if key else x
+        got: dict[int, np.ndarray] = {}
+        for s in data.addressable_shards:
+            start = s.index[0].start or 0
+            for j, row in enumerate(np.asarray(s.data)):
+                got[start + j] = row
+        rows = [got[k] for k in sorted(got)]
+        cols.append([jax.random.wrap_key_data(r, impl=jax.random.key_impl(x)) for r in rows] if key else rows)
+    return [jax.tree.unflatten(treedef, [c[i] for c in cols]) for i in range(len(cols[0]))]
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches ``barrier(name)`` (no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def min_over_processes(value: int) -> int:
+    """The minimum of an integer over all processes (itself with one process)."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+
+    return int(np.min(multihost_utils.process_allgather(np.asarray(value, np.int64))))
 
 
 def stack_assets(trees: Sequence[Any]) -> Any:
@@ -197,5 +307,12 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     if addr is None or nproc is None or pid is None:
         raise ValueError("multi-host needs all of TSJAX_COORDINATOR, TSJAX_NUM_PROCESSES and TSJAX_PROCESS_ID "
                          f"(got coordinator={addr!r}, num_processes={nproc!r}, process_id={pid!r})")
-    jax.distributed.initialize(coordinator_address=addr, num_processes=int(nproc), process_id=int(pid))
+    try:
+        nproc, pid = int(nproc), int(pid)
+    except ValueError:
+        raise ValueError(f"TSJAX_NUM_PROCESSES={nproc!r} and TSJAX_PROCESS_ID={pid!r} must be integers") from None
+    if not 0 <= pid < nproc:
+        raise ValueError(f"TSJAX_PROCESS_ID={pid} must be in [0, TSJAX_NUM_PROCESSES={nproc})")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU barriers/gathers across processes
+    jax.distributed.initialize(coordinator_address=addr, num_processes=nproc, process_id=pid)
     return True

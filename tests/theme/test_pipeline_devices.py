@@ -4,8 +4,10 @@ Runs the toy pipeline of tests/theme/test_pipeline_toy.py (duck-typed tiny diffu
 config) in a fresh interpreter with ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` (the flag
 must be set before jax is imported): this file executed as a script runs the pipeline into the folder
 given as its argument. Checks: both assets' outputs exist, each asset has its own metrics.jsonl with
-every step, the manifest records 2 devices and the sharded mode, checkpoints are per asset, and
-``--resume`` after removing the final checkpoints continues the sharded loop to the same losses.
+every step, the manifest records 2 devices and the sharded mode, checkpoints are per asset,
+``--resume`` after removing the final checkpoints continues the sharded loop to the same losses, and the
+multi-host path (two ``jax.distributed`` processes on localhost, one CPU device each, gloo) gives the
+same per-asset losses, each process checkpointing its own asset and process 0 writing the manifest.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +34,8 @@ def _toy_module():
 
 
 def _main(out: str, extra: list[str]) -> int:
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    local = os.environ.get("TSJAX_TEST_LOCAL_DEVICES", "2")  # 1 per process in the two-process run
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local}"
     toy = _toy_module()
     from tsjax.optimize import main
     from tsjax.theme import pipeline, priors
@@ -50,6 +54,30 @@ def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
     env.pop("XLA_FLAGS", None)
     return subprocess.run([sys.executable, __file__, str(out), *extra], capture_output=True, text=True, env=env,
                           timeout=900)
+
+
+def _run_two_processes(out: Path) -> list[subprocess.CompletedProcess]:
+    """The same run as two jax.distributed processes with one CPU device each (gloo on localhost)."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for pid in range(2):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", TSJAX_COORDINATOR=f"localhost:{port}", TSJAX_NUM_PROCESSES="2",
+                   TSJAX_PROCESS_ID=str(pid), TSJAX_TEST_LOCAL_DEVICES="1")
+        env.pop("XLA_FLAGS", None)
+        procs.append(subprocess.Popen([sys.executable, __file__, str(out)], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env=env))
+    done = []
+    try:
+        for p in procs:
+            o, e = p.communicate(timeout=900)
+            done.append(subprocess.CompletedProcess(p.args, p.returncode, o, e))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return done
 
 
 def _records(path: Path) -> list[dict]:
@@ -85,6 +113,23 @@ def test_two_assets_sharded_over_two_devices(tmp_path):
     assert "resumed asset_0, asset_1 at step 2" in proc.stderr
     for d, recs in full.items():
         assert _records(out / d / "metrics.jsonl") == recs, d
+
+    # multi-host path: 2 processes x 1 device (jax.distributed, TSJAX_* variables) = the same group
+    out2 = tmp_path / "two_processes"
+    p0, p1 = _run_two_processes(out2)
+    assert p0.returncode == 0 and p1.returncode == 0, (p0.stderr[-3000:], p1.stderr[-3000:])
+    assert "process 1/2: waiting for process 0's shared stages" in p1.stderr
+    assert "process 0/2: assets [0]" in p0.stderr and "process 1/2: assets [1]" in p1.stderr
+    man2 = json.loads((out2 / "manifest.json").read_text())  # written by process 0 with both assets
+    assert man2["processes"] == 2 and man2["devices"] == 2 and [a["dir"] for a in man2["assets"]] == list(full)
+    assert (out2 / "index.html").is_file()
+    for d, recs in full.items():
+        recs2 = _records(out2 / d / "metrics.jsonl")
+        assert [r["step"] for r in recs2] == list(range(STEPS)), d
+        for r1, r2 in zip(recs, recs2):  # one program per device either way: the same numbers
+            for k, v in r1.items():
+                assert r2[k] == pytest.approx(v, rel=1e-5, abs=1e-6), (d, r1["step"], k)
+        assert sorted(p.name for p in (out2 / d / "ckpt").iterdir() if p.name.isdigit()) == ["2", str(STEPS)]
 
 
 def test_devices_must_divide_assets(tmp_path, capsys):

@@ -43,7 +43,8 @@ import numpy as np
 
 from tsjax.config import Config, guidance_t_ranges, to_dict
 
-__all__ = ["RunOptions", "NonFiniteLossError", "run", "rank_concepts", "prepare_out_dir", "build_dmtet_config"]
+__all__ = ["RunOptions", "NonFiniteLossError", "run", "rank_concepts", "check_out_dir", "prepare_out_dir",
+           "build_dmtet_config"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -79,9 +80,10 @@ def log(msg: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def prepare_out_dir(cfg: Config, opts: RunOptions) -> Path:
-    """Create/validate ``opts.out``: refuses an existing non-empty folder unless ``--resume`` (same config)
-    or ``--overwrite`` (wiped)."""
+def check_out_dir(cfg: Config, opts: RunOptions) -> bool:
+    """Validate ``opts.out`` without touching it; returns whether an existing run is to be wiped
+    (``--overwrite``). Raises ``ValueError`` for an existing non-empty folder without ``--resume`` /
+    ``--overwrite``, a ``--resume`` with another config or with nothing to resume."""
     out = Path(opts.out)
     cfg_json = json.dumps(to_dict(cfg), sort_keys=True)
     if out.exists() and any(out.iterdir()):
@@ -92,12 +94,21 @@ def prepare_out_dir(cfg: Config, opts: RunOptions) -> Path:
             if json.dumps(json.loads(saved.read_text()), sort_keys=True) != cfg_json:
                 raise ValueError(f"--out {out}: --resume with a different config than the stopped run "
                                  f"(compare {saved})")
-        elif opts.overwrite:
-            shutil.rmtree(out)
-        else:
-            raise ValueError(f"--out {out} already exists; pass --resume to continue it or --overwrite to replace it")
-    elif opts.resume and not out.exists():
+            return False
+        if opts.overwrite:
+            return True
+        raise ValueError(f"--out {out} already exists; pass --resume to continue it or --overwrite to replace it")
+    if opts.resume and not out.exists():
         raise ValueError(f"--out {out}: nothing to resume (the folder does not exist)")
+    return False
+
+
+def prepare_out_dir(cfg: Config, opts: RunOptions) -> Path:
+    """Create/validate ``opts.out`` (:func:`check_out_dir`): refuses an existing non-empty folder unless
+    ``--resume`` (same config) or ``--overwrite`` (wiped)."""
+    out = Path(opts.out)
+    if check_out_dir(cfg, opts):
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cache").mkdir(exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1, sort_keys=True))
@@ -230,9 +241,15 @@ def run(cfg: Config, opts: RunOptions) -> dict:
     from tsjax.theme.init import nearest_exemplar_init
     from tsjax.theme.prompts import concept_prompt, theme_prompt
 
+    from tsjax import parallel as par
+
     t_start = time.perf_counter()
     if opts.num_assets < 1:
         raise ValueError(f"--num-assets must be >= 1, got {opts.num_assets}")
+    nproc, main = jax.process_count(), jax.process_index() == 0
+    if nproc > 1 and cfg.perf.devices != jax.device_count():
+        raise ValueError(f"multi-process run ({nproc} processes): --devices must be the global device count "
+                         f"{jax.device_count()} (got {cfg.perf.devices}), so every process optimises its share")
     mesh = None
     if cfg.perf.devices > 1:
         if opts.num_assets % cfg.perf.devices:
@@ -267,7 +284,16 @@ def run(cfg: Config, opts: RunOptions) -> dict:
         concept_image = _load_image(opts.concept, cfg.render.resolution)
         if opts.num_assets != 1:
             raise ValueError("--concept PATH gives one concept image: use --num-assets 1")
-    out = prepare_out_dir(cfg, opts)
+    if nproc == 1:
+        out = prepare_out_dir(cfg, opts)
+    else:  # every process validates the same folder state; then process 0 alone creates/wipes it
+        check_out_dir(cfg, opts)
+        par.barrier("tsjax-out-checked")
+        out = prepare_out_dir(cfg, opts) if main else Path(opts.out)
+        par.barrier("tsjax-out-ready")
+        if not main:  # process 0 computes and caches the shared stages; the others then load them
+            log(f"      process {jax.process_index()}/{nproc}: waiting for process 0's shared stages")
+            par.barrier("tsjax-shared-stages")
     cache = out / "cache"
     prog = _Progress(opts.progress)
     root = jax.random.key(cfg.seed)
@@ -298,7 +324,8 @@ def run(cfg: Config, opts: RunOptions) -> dict:
     ex_files = []
     for i in range(M):
         f = out / "exemplars" / f"exemplar_{i}.png"
-        O.save_png(f, O.contact_sheet(ex["color"][i][: min(tp.n_views, 6)], cols=6))
+        if main:
+            O.save_png(f, O.contact_sheet(ex["color"][i][: min(tp.n_views, 6)], cols=6))
         ex_files.append(str(f.relative_to(out)))
     timings["render_exemplars_s"] = time.perf_counter() - t0
 
@@ -338,10 +365,12 @@ def run(cfg: Config, opts: RunOptions) -> dict:
     (out / "concepts").mkdir(exist_ok=True)
     concept_files = []
     for i, im in enumerate(concepts):
-        O.save_png(out / "concepts" / f"concept_{i}.png", im)
+        if main:
+            O.save_png(out / "concepts" / f"concept_{i}.png", im)
         concept_files.append(f"concepts/concept_{i}.png")
     if concept_image is not None:
-        O.save_png(out / "concepts" / "concept_given.png", concept_image)
+        if main:
+            O.save_png(out / "concepts" / "concept_given.png", concept_image)
         chosen_imgs, chosen_ids = [concept_image], [-1]
     elif opts.concept is not None:
         idx = int(opts.concept)
@@ -370,6 +399,8 @@ def run(cfg: Config, opts: RunOptions) -> dict:
         np.concatenate([ref_cams[: len(ref_col)], ref_cams[: len(ref_nrm)]]), rp.train, ref_steps,
         _key(root, "reference_prior"), progress=prog.ticker("reference prior", ref_steps)))
     timings["reference_prior_s"] = time.perf_counter() - t0
+    if nproc > 1 and main:
+        par.barrier("tsjax-shared-stages")  # the other processes load the caches written above
 
     # prompt tables shared by every asset
     from tsjax.theme.prompts import view_prompts
@@ -457,28 +488,39 @@ def run(cfg: Config, opts: RunOptions) -> dict:
             (result,) = _stage2(cfg, opts, common, [a], prog=prog)
             assets.append(finish_asset(a, result, time.perf_counter() - t0))
     else:  # all assets prepared first, then ONE stage-2 loop sharded over the asset mesh axis
-        prepared = [prepare_asset(k, cimg, cid) for k, (cimg, cid) in enumerate(zip(chosen_imgs, chosen_ids))]
+        mine = par.process_asset_indices(mesh, len(chosen_imgs))  # every asset when single-process
+        if nproc > 1:
+            log(f"      process {jax.process_index()}/{nproc}: assets {mine}")
+        prepared = [prepare_asset(k, chosen_imgs[k], chosen_ids[k]) for k in mine]
         t0 = time.perf_counter()
-        results = _stage2(cfg, opts, common, prepared, prog=prog, mesh=mesh)
+        results = _stage2(cfg, opts, common, prepared, prog=prog, mesh=mesh, num_assets=len(chosen_imgs))
         t_group = time.perf_counter() - t0
         timings["stage2_group_s"] = t_group
         assets = [finish_asset(a, r, t_group) for a, r in zip(prepared, results)]
+        if nproc > 1:  # every process publishes its assets' records; all read everyone's
+            for a in assets:
+                O.write_json(out / a["dir"] / "record.json", a)
+            par.barrier("tsjax-assets-done")
+            assets = [json.loads((out / f"asset_{k}" / "record.json").read_text()) for k in range(len(chosen_imgs))]
 
     gallery_assets = [{"index": a["index"], "concept": a["concept"], "init": a["init_png"],
                        "pseudo_views": a["pseudo_views"], "turntable_color": a["turntable_color"],
                        "turntable_normal": a["turntable_normal"], "loss_curve": a["loss_curve"],
                        "files": [a["glb"], a["obj"], a["turntable_gif"]]} for a in assets]
-    O.write_gallery(out / "index.html", title=f"tsjax ThemeStation: {cls} ({cfg.data.exemplars})",
-                    exemplars=ex_files, concepts=concept_files, chosen=[c for c in chosen_ids if c >= 0],
-                    assets=gallery_assets)
+    if main:
+        O.write_gallery(out / "index.html", title=f"tsjax ThemeStation: {cls} ({cfg.data.exemplars})",
+                        exemplars=ex_files, concepts=concept_files, chosen=[c for c in chosen_ids if c >= 0],
+                        assets=gallery_assets)
     manifest = {"config": cfg.name, "exemplars": cfg.data.exemplars, "num_exemplars": M, "class": cls,
                 "prompts": {"theme": y_theme, "normal": y_normal, "concept": y_concept},
                 "guidance_mode": g.mode, "t_ranges": guidance_t_ranges(g), "concept_scores": scores.tolist(),
                 "concept_order": [int(i) for i in order], "chosen_concepts": chosen_ids, "assets": assets,
                 "timings": {**timings, "total_s": time.perf_counter() - t_start},
-                "devices": cfg.perf.devices, "stage2_mode": "sharded" if mesh is not None else "sequential",
+                "devices": cfg.perf.devices, "processes": nproc,
+                "stage2_mode": "sharded" if mesh is not None else "sequential",
                 "contextual_features": "vgg19 relu3_4" if opts.vgg else "rgb 5x5 patches (no --vgg)"}
-    O.write_json(out / "manifest.json", manifest)
+    if main:
+        O.write_json(out / "manifest.json", manifest)
     return manifest
 
 
@@ -595,14 +637,16 @@ def _stage2_asset(cfg: Config, opts: RunOptions, common: dict, a: dict) -> dict:
 
 
 def _stage2(cfg: Config, opts: RunOptions, common: dict, prepared: list[dict], *, prog: _Progress,
-            mesh=None) -> list[dict]:
+            mesh=None, num_assets: int | None = None) -> list[dict]:
     """Stage 2 of the assets in ``prepared`` (``prepare_asset`` records) in ONE loop; returns per asset
     ``{"geo", "bg", "dm", "grid", "steps", "compile_and_first_step_s"}``.
 
     ``mesh is None``: exactly one asset, the single-asset jitted step (:func:`tsjax.theme.stage2.make_step`).
     Otherwise the K assets (a multiple of the mesh's ``asset`` axis) run together with
     :func:`tsjax.theme.stage2.make_sharded_step`: per-asset states, concept priors, contextual targets and
-    keys split over the ``asset`` axis, everything else replicated. Both modes share the loop: progress bar,
+    keys split over the ``asset`` axis, everything else replicated; in a multi-process run ``prepared`` holds
+    this process's assets only (:func:`tsjax.parallel.process_asset_indices` of ``num_assets``, the group's
+    size) and each process feeds, reads back and checkpoints those. Both modes share the loop: progress bar,
     one ``metrics.jsonl`` per asset (``time_s`` = wall time of the whole step), a checkpoint per asset every
     ``checkpoint_every`` steps and at the end, resume from the checkpoints (all assets of a group resume at
     the newest step every asset has), Ctrl-C saving, and the NaN stop (:class:`NonFiniteLossError` naming
@@ -621,8 +665,10 @@ def _stage2(cfg: Config, opts: RunOptions, common: dict, prepared: list[dict], *
     # ---- resume: every asset of the group continues from the same step --------------------------------
     restored = [r["restored_step"] for r in runs]
     start = 0
-    if all(s is not None for s in restored):
-        start = min(restored)
+    # the newest step every asset of the group has, over all processes (-1: some asset has none)
+    common_step = par.min_over_processes(min(restored) if all(s is not None for s in restored) else -1)
+    if common_step >= 0:
+        start = common_step
         for r in runs:
             if start not in r["ck"].all_steps():
                 raise ValueError(f"--resume: {r['adir'] / 'ckpt'} has no checkpoint of step {start}, the newest step "
@@ -649,20 +695,21 @@ def _stage2(cfg: Config, opts: RunOptions, common: dict, prepared: list[dict], *
         split = lambda st: [st]  # noqa: E731
         name = f"stage 2 ({r0['adir'].name})"
     else:
+        K = len(runs) if num_assets is None else int(num_assets)
         multi = S.make_sharded_step(spec, opt, mesh)
         per, shared = zip(*[S.split_inputs(r["inputs"]) for r in runs])
-        per = par.shard_assets(par.stack_assets(per), mesh)
+        per = par.shard_local_assets(per, mesh, K)
         shared = par.replicate(shared[0], mesh)
-        keys = par.shard_assets(par.stack_assets([r["key"] for r in runs]), mesh)
-        state = par.shard_assets(par.stack_assets([r["state"] for r in runs]), mesh)
+        keys = par.shard_local_assets([r["key"] for r in runs], mesh, K)
+        state = par.shard_local_assets([r["state"] for r in runs], mesh, K)
 
         def advance(st):
             new, m = multi(st, per, keys, shared)
-            mh = jax.device_get(m)
-            return new, [{k: float(v[i]) for k, v in mh.items()} for i in range(len(runs))]
+            return new, [{k: float(v) for k, v in row.items()} for row in par.local_asset_rows(m)]
 
-        split = par.unstack_assets
-        name = f"stage 2 ({len(runs)} assets on {mesh.shape[par.ASSET]} devices)"
+        split = par.local_asset_rows
+        name = f"stage 2 ({K} assets on {mesh.shape[par.ASSET]} devices)" + (
+            f", process {jax.process_index()}: {len(runs)}" if jax.process_count() > 1 else "")
     holder = {"state": state}
 
     def save_all(st) -> list[int]:
