@@ -21,13 +21,17 @@ Outputs in ``--out``: ``index.html`` (gallery: exemplars, concept images, init, 
 ``turntable.gif``), ``loss_curve.png``, ``metrics.jsonl`` and the stage-2 checkpoints ``ckpt/``.
 
 User errors (missing exemplars or weights, an existing ``--out``, a NaN loss, ...) print one line
-``error: ...`` and exit with status 2; Ctrl-C saves a checkpoint and exits with 130.
+``error: ...`` and exit with status 2; Ctrl-C saves a checkpoint and exits with 130. In a multi-process
+run (``TSJAX_*`` variables, see :mod:`tsjax.parallel`) a process that fails exits at once, skipping the
+distributed shutdown, so its peers stop at their next barrier instead of waiting for a timeout.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
+import traceback
 from pathlib import Path
 
 __all__ = ["build_parser", "main", "config_from_args"]
@@ -113,36 +117,63 @@ def evaluate_run(args: argparse.Namespace, cfg) -> int:
     return evaluate.main(argv)
 
 
+def _hard_exit(code: int) -> None:
+    """End this process of a multi-process run now, skipping ``jax.distributed``'s shutdown barrier (which
+    would wait for peers still optimising): the peers then see the lost process at their next barrier
+    (an error in seconds) instead of hanging until a timeout."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from tsjax.parallel import PeerLostError, initialize_distributed
+    from tsjax.theme.pipeline import NonFiniteLossError, RunOptions, run
+
+    distributed = False
     try:
-        from tsjax.parallel import initialize_distributed
-
-        initialize_distributed()  # multi-host: TSJAX_COORDINATOR/NUM_PROCESSES/PROCESS_ID (before any JAX work)
-        from tsjax.theme.pipeline import NonFiniteLossError, RunOptions, run
-
-        from tsjax.compile_cache import default_cache_dir, enable_compile_cache
-
-        cfg = config_from_args(args)
-        enable_compile_cache(default_cache_dir() if args.compile_cache is None else args.compile_cache)
-        opts = RunOptions(out=Path(args.out), num_assets=args.num_assets, init_mesh=args.init_mesh,
-                          concept=args.concept, weights=args.weights, vgg=args.vgg, resume=args.resume,
-                          overwrite=args.overwrite, progress=not args.no_progress)
-        if args.evaluate:
-            for flag in ("clip", "vgg16", "lpips", "aesthetic"):
-                v = getattr(args, flag)
-                if v is not None and not Path(v).exists():
-                    raise FileNotFoundError(f"--{flag} {v}: not found")
-        manifest = run(cfg, opts)
-        if args.evaluate:
-            rc = evaluate_run(args, cfg)
-            if rc != 0:
-                return rc
-    except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
+        # multi-host: TSJAX_COORDINATOR/NUM_PROCESSES/PROCESS_ID, before any JAX computation
+        distributed = initialize_distributed()
+        rc = _main(args, run, RunOptions)
+    except (ValueError, FileNotFoundError, NonFiniteLossError, PeerLostError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        rc = 2
+    except BaseException as e:  # Ctrl-C (SystemExit 130 after saving), crashes
+        if not distributed:
+            raise
+        if not isinstance(e, SystemExit):
+            traceback.print_exc()
+        _hard_exit(e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1)
+    if distributed and rc != 0:
+        _hard_exit(rc)
+    return rc
+
+
+def _main(args: argparse.Namespace, run, RunOptions) -> int:  # noqa: N803 (the class, imported by main)
+    import jax
+
+    from tsjax.compile_cache import default_cache_dir, enable_compile_cache
+
+    cfg = config_from_args(args)
+    enable_compile_cache(default_cache_dir() if args.compile_cache is None else args.compile_cache)
+    opts = RunOptions(out=Path(args.out), num_assets=args.num_assets, init_mesh=args.init_mesh,
+                      concept=args.concept, weights=args.weights, vgg=args.vgg, resume=args.resume,
+                      overwrite=args.overwrite, progress=not args.no_progress)
+    if args.evaluate:
+        for flag in ("clip", "vgg16", "lpips", "aesthetic"):
+            v = getattr(args, flag)
+            if v is not None and not Path(v).exists():
+                raise FileNotFoundError(f"--{flag} {v}: not found")
+    manifest = run(cfg, opts)
+    if args.evaluate and jax.process_index() == 0:  # multi-process: process 0 evaluates the whole run
+        rc = evaluate_run(args, cfg)
+        if rc != 0:
+            return rc
     total = manifest["timings"]["total_s"]
-    print(f"wrote {len(manifest['assets'])} asset(s) to {args.out} in {total:.0f} s; open {Path(args.out) / 'index.html'}")
+    who = f"process {jax.process_index()}: " if jax.process_count() > 1 else ""
+    print(f"{who}wrote {len(manifest['assets'])} asset(s) to {args.out} in {total:.0f} s; "
+          f"open {Path(args.out) / 'index.html'}")
     return 0
 
 

@@ -36,7 +36,8 @@ shared stages (exemplar renders, theme prior, concept images, reference prior) a
 ``--out``; the others wait at a barrier and load them; every process then runs its own assets' concept
 priors, init models and the stage-2 loop; process 0 writes the gallery and manifest after a final
 barrier. ``--devices`` must then be the global device count. On CPU the processes talk through gloo
-(set here), which is how the tests run two processes on one machine.
+(set here), which is how the tests run two processes on one machine. Under SLURM / Open MPI / Cloud TPU,
+``TSJAX_COORDINATOR=auto`` lets ``jax.distributed.initialize()`` detect the cluster itself.
 
 CPU testing: ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` (set before importing jax) gives
 four host devices, which is how the sharding tests run.
@@ -71,6 +72,7 @@ __all__ = [
     "local_asset_rows",
     "barrier",
     "min_over_processes",
+    "PeerLostError",
 ]
 
 
@@ -220,12 +222,26 @@ def local_asset_rows(tree: Any) -> list[Any]:
     return [jax.tree.unflatten(treedef, [c[i] for c in cols]) for i in range(len(cols[0]))]
 
 
+class PeerLostError(RuntimeError):
+    """A barrier or gather of a multi-process run failed: another process of the run exited or crashed."""
+
+
+def _collective(name: str, fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except Exception as e:  # gloo/NCCL/coordination-service errors surface as ValueError/RuntimeError
+        raise PeerLostError(f"multi-process barrier {name!r} failed: another process of this run stopped "
+                            f"(see its output for the cause); this process stops too ({e})") from e
+
+
 def barrier(name: str) -> None:
-    """Wait until every process reaches ``barrier(name)`` (no-op with one process)."""
+    """Wait until every process reaches ``barrier(name)`` (no-op with one process).
+
+    Raises :class:`PeerLostError` when another process has exited."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices(name)
+        _collective(name, lambda: multihost_utils.sync_global_devices(name))
 
 
 def min_over_processes(value: int) -> int:
@@ -234,7 +250,8 @@ def min_over_processes(value: int) -> int:
         return int(value)
     from jax.experimental import multihost_utils
 
-    return int(np.min(multihost_utils.process_allgather(np.asarray(value, np.int64))))
+    return int(np.min(_collective("min_over_processes",
+                                  lambda: multihost_utils.process_allgather(np.asarray(value, np.int64)))))
 
 
 def stack_assets(trees: Sequence[Any]) -> Any:
@@ -296,14 +313,21 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     """Multi-host start-up: ``jax.distributed.initialize`` from arguments or environment.
 
     Reads ``TSJAX_COORDINATOR`` (``host:port``), ``TSJAX_NUM_PROCESSES`` and ``TSJAX_PROCESS_ID`` when the
-    arguments are omitted. With none of them set and a single process, does nothing and returns False
-    (single-host run). Returns True when the distributed runtime was initialised.
+    arguments are omitted. ``TSJAX_COORDINATOR=auto`` (the other two unset) calls
+    ``jax.distributed.initialize()`` without arguments, which detects SLURM, Open MPI and Cloud TPU
+    launches itself. With none of them set, does nothing and returns False (single-host run). Returns
+    True when the distributed runtime was initialised.
     """
     addr = coordinator_address or os.environ.get("TSJAX_COORDINATOR")
     nproc = num_processes if num_processes is not None else os.environ.get("TSJAX_NUM_PROCESSES")
     pid = process_id if process_id is not None else os.environ.get("TSJAX_PROCESS_ID")
     if addr is None and nproc is None and pid is None:
         return False
+    if addr == "auto" and nproc is None and pid is None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize()  # cluster auto-detection (raises when it finds no cluster)
+        barrier("tsjax-initialized")
+        return True
     if addr is None or nproc is None or pid is None:
         raise ValueError("multi-host needs all of TSJAX_COORDINATOR, TSJAX_NUM_PROCESSES and TSJAX_PROCESS_ID "
                          f"(got coordinator={addr!r}, num_processes={nproc!r}, process_id={pid!r})")
@@ -315,4 +339,5 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         raise ValueError(f"TSJAX_PROCESS_ID={pid} must be in [0, TSJAX_NUM_PROCESSES={nproc})")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU barriers/gathers across processes
     jax.distributed.initialize(coordinator_address=addr, num_processes=nproc, process_id=pid)
+    barrier("tsjax-initialized")  # connects the processes now: a peer lost later fails barriers at once
     return True
