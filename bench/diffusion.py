@@ -17,7 +17,7 @@ Measurements (``kind``): ``unet_fwd`` (UNet forward), ``unet_fwd_bwd`` (forward 
 ``mean(mean_latent^2)`` w.r.t. the VAE params). ``compile_s``: tsjax ``jit`` lower+compile time (for
 PyTorch, eager, the first call's extra time over a steady call); ``step_s``: median of ``--iters``
 steady-state calls; ``loadavg_1min``: the machine's 1-minute load average when the worker started and
-ended (the CPU may be shared; a load above the core count slows both frameworks unevenly). Both frameworks get the same number of CPU threads (``--threads``). A summary line
+ended (the CPU may be shared; a load above the core count slows both frameworks unevenly). Both frameworks get the same number of CPU threads (``--threads``) and each worker is pinned to that many cores (``_cpus.py``: XLA's GEMMs use every core whatever its thread flags). A summary line
 per (config, kind) gives ``ratio = tsjax step_s / torch step_s``. A config is skipped, with the reason
 recorded, when the machine's available memory is below its estimated need.
 
@@ -45,6 +45,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cpus import pin_from_env, worker_env  # noqa: E402
+
+PINNED_CPUS = pin_from_env()  # workers: their share of the cores, set before jax/torch load
 
 CONFIGS = {
     "mid": dict(
@@ -202,7 +207,7 @@ def run_worker(argv) -> None:
     load0 = os.getloadavg()[0]
     res = (worker_jax if fw == "tsjax" else worker_torch)(name, kind, root, iters, threads, batch)
     res.update(framework=fw, config=name, kind=kind, batch=batch, peak_rss_mb=round(vm_hwm_mb(), 1),
-               threads=threads, iters=iters, loadavg_1min=[round(load0, 2), round(os.getloadavg()[0], 2)])
+               threads=threads, cpus_pinned=PINNED_CPUS, iters=iters, loadavg_1min=[round(load0, 2), round(os.getloadavg()[0], 2)])
     print("RESULT " + json.dumps(res))
 
 
@@ -268,6 +273,7 @@ def main(argv=None) -> int:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         f" --xla_cpu_multi_thread_eigen={'true' if args.threads > 1 else 'false'}").strip()
     env["OMP_NUM_THREADS"] = str(args.threads)
+    env = worker_env(env, args.threads)  # CPU affinity: XLA ignores thread counts for GEMMs
     env["JAX_PLATFORMS"] = "cpu"
     lines = []
 

@@ -56,7 +56,8 @@ Camera conditioning is identical on both sides: our UNet's ``camera_embedding`` 
 embedding), fed ``class_labels=camera``. The PEFT LoRA targets to_q/to_k/to_v/to_out.0 (rank 4, alpha
 = rank), the adapted layers of tsjax's LoRA. tsjax runs the same ops as one jitted function with the
 optimised perf settings. Both get ``--threads`` CPU threads (torch ``set_num_threads``, XLA's Eigen pool
-via ``--xla_cpu_multi_thread_eigen`` and ``OMP_NUM_THREADS``). A parity line compares the two sides'
+via ``--xla_cpu_multi_thread_eigen`` and ``OMP_NUM_THREADS``), and every worker is pinned to that many
+cores (``_cpus.py``: XLA's GEMMs otherwise use every core whatever its thread flags). A parity line compares the two sides'
 loss and image gradients on the first call (same weights, same draws).
 """
 from __future__ import annotations
@@ -72,6 +73,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cpus import pin_from_env, worker_env  # noqa: E402
+
+PINNED_CPUS = pin_from_env()  # workers: their share of the cores, set before jax/torch load
 
 HERE = Path(__file__).resolve().parent
 L_SEQ = 77  # prompt length of the text tables (CLIP's 77 tokens, the tiny text encoder's too)
@@ -771,6 +777,7 @@ def main(argv=None) -> int:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         f" --xla_cpu_multi_thread_eigen={'true' if args.threads > 1 else 'false'}").strip()
     env["OMP_NUM_THREADS"] = str(args.threads)
+    env = worker_env(env, args.threads)  # CPU affinity: XLA ignores thread counts for GEMMs
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONUNBUFFERED"] = "1"
     lines: list[str] = []
@@ -780,7 +787,7 @@ def main(argv=None) -> int:
         print(line, flush=True)
         lines.append(line)
 
-    meta = dict(_machine(), date=date, threads=args.threads)
+    meta = dict(_machine(), date=date, threads=args.threads, cpus_pinned_per_worker=args.threads)
     logdir = Path(tempfile.mkdtemp(prefix="dsd_bench_logs_"))
     peak_w = Worker("peak", ["peak", str(args.threads)], env, logdir)
     peak = peak_w.read()
