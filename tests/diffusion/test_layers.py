@@ -92,11 +92,11 @@ def test_unet_bf16_compute_tracks_fp32_with_fp32_master_params():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_conv3x3_tap_kernel_gradient_matches_xla(dtype):
     """Large 3x3 convs take the per-tap GEMM kernel gradient on CPU: same value and gradients as nn.Conv."""
-    x = jax.random.normal(jax.random.key(0), (1, 64, 64, 128), jnp.float32)
+    x = jax.random.normal(jax.random.key(0), (1, 128, 128, 128), jnp.float32)
     fast = layers.conv(128, 3, "c", dtype)
     plain = nn.Conv(128, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype, param_dtype=jnp.float32)
     p = fast.init(jax.random.key(1), x)
-    w = jax.random.normal(jax.random.key(2), (1, 64, 64, 128), jnp.float32)
+    w = jax.random.normal(jax.random.key(2), (1, 128, 128, 128), jnp.float32)
 
     def loss(m):
         return lambda p, x, w: jnp.sum(m.apply(p, x).astype(jnp.float32) * w)
@@ -108,7 +108,7 @@ def test_conv3x3_tap_kernel_gradient_matches_xla(dtype):
     (pb, pk), px = jax.tree.leaves(g_plain[0]), g_plain[1]
     assert gk.dtype == jnp.float32 and gk.shape == (3, 3, 128, 128)
     # the input gradient is XLA's transposed conv on both paths (compiled in another fusion context:
-    # last-bit differences); the kernel gradient sums 64*64 pixel products in another order: 1e-5 of the
+    # last-bit differences); the kernel gradient sums 128*128 pixel products in another order: 1e-5 of the
     # gradient's scale in float32; bf16 operands are rounded the same way, the outputs are not: 1e-2
     tol = 1e-5 if dtype == jnp.float32 else 1e-2
     for a, b in ((gx, px), (gb, pb), (gk, pk)):
@@ -125,10 +125,12 @@ def test_conv3x3_tap_path_limits():
         p = jax.eval_shape(m.init, jax.random.key(0), x)
         return "custom_vjp_call" in str(jax.make_jaxpr(m.apply)(p, x))
 
-    assert taken((1, 64, 64, 128), 128)
-    assert taken((2, 32, 64, 320), 320)          # 4096 pixels over the batch
-    assert not taken((1, 32, 64, 320), 320)      # 2048 pixels
-    assert not taken((1, 128, 128, 32), 128)     # Cin < 128
-    assert not taken((1, 128, 128, 128), 64)     # Cout < 128
+    assert taken((1, 128, 128, 128), 128)
+    assert taken((1, 256, 256, 64), 64)          # 256*256*64 = 128^3
+    assert not taken((1, 512, 512, 3), 128)      # Cin = 3 (the VAE's conv_in)
+    assert not taken((4, 64, 64, 256), 256)      # 64*64*256 < 128^3 per image, whatever the batch
+    assert not taken((1, 128, 128, 64), 64)
+    assert not taken((1, 256, 256, 32), 128)     # Cin < 64
+    assert not taken((1, 256, 256, 128), 32)     # Cout < 64
     assert not taken((1, 128, 128, 128), 128, kernel=1)
     assert not taken((1, 128, 128, 128), 128, stride=2)

@@ -82,12 +82,13 @@ def dense(features: int, name: str, dtype: Dtype, use_bias: bool = True) -> nn.D
 
 
 # 3x3 stride-1 "same" convs whose kernel gradient takes the per-tap GEMM path on CPU
-# (``_conv3x3_tap_dw``): at least this many output pixels (batch x H x W) and this many input and output
-# channels. Measured kernel gradient alone, 1 thread (XLA -> tap path): 1x512x512x128 2.81 -> 0.84 s,
-# 2x256x256x128 1.78 -> 0.41 s, 2x128x128x128 0.113 -> 0.102 s, 2x64x64x256 0.087 -> 0.078 s,
-# 1x64x64x320 0.055 -> 0.052 s; but 2x128x128x32 7 -> 9 ms and 2x32x32x512 55 -> 59 ms, hence both limits.
-_TAP_DW_MIN_PIXELS = 4096
-_TAP_DW_MIN_CHANNELS = 128
+# (``_conv3x3_tap_dw``): per-image map area x min(in, out channels) of at least _TAP_DW_MIN_WORK, and at
+# least _TAP_DW_MIN_CHANNELS channels. Measured kernel gradient alone on ONE pinned core (XLA -> tap
+# path): 1x512x512x128 2.81 -> 0.84 s (2 cores), 1x256x256x128 0.79 -> 0.30 s, 2x128x128x128 0.204 ->
+# 0.151 s, 1x512x512x64 0.67 -> 0.49 s, 2x256x256x64 0.240 -> 0.232 s; but below the limit XLA's own is
+# faster: 2x128x128x64 28 -> 49 ms, 2x96x96x128 65 -> 75 ms, 2x64x64x256 115 -> 122 ms.
+_TAP_DW_MIN_WORK = 128 * 128 * 128
+_TAP_DW_MIN_CHANNELS = 64
 
 
 def _conv3x3(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -153,8 +154,8 @@ def _takes_tap_dw(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
         return False
     if not all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation)):
         return False
-    return (lhs.shape[0] * lhs.shape[1] * lhs.shape[2] >= _TAP_DW_MIN_PIXELS
-            and min(rhs.shape[2], rhs.shape[3]) >= _TAP_DW_MIN_CHANNELS)
+    ch = min(rhs.shape[2], rhs.shape[3])
+    return ch >= _TAP_DW_MIN_CHANNELS and lhs.shape[1] * lhs.shape[2] * ch >= _TAP_DW_MIN_WORK
 
 
 def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
