@@ -26,12 +26,15 @@ def test_chunked_attention_matches_full_softmax_value_and_grads(n, m):
     g_ref = jax.grad(loss("einsum"), argnums=(0, 1, 2))(q, k, v)
     g_chk = jax.jit(jax.grad(loss("chunked"), argnums=(0, 1, 2)))(q, k, v)
     for a, b in zip(g_chk, g_ref):
-        assert float(jnp.max(jnp.abs(b))) > 1e-2  # non-trivial gradients
-        np.testing.assert_allclose(a, b, atol=2e-6)
+        scale = float(jnp.max(jnp.abs(b)))
+        assert scale > 1e-2  # non-trivial gradients
+        # dk/dv accumulate over N/16 query blocks in float32: 1e-6 of the gradient's scale (and >= 2e-6)
+        np.testing.assert_allclose(a, b, atol=max(2e-6, 1e-6 * scale))
 
 
 def test_chunked_attention_blocks_dtype_and_auto_routing():
-    assert (_query_block(1024), _query_block(320), _query_block(36), _query_block(7)) == (128, 64, 36, 7)
+    assert (_query_block(1024), _query_block(320), _query_block(36), _query_block(7)) == (16, 16, 36, 7)
+    assert _query_block(320, target=128) == 64
     q, k, v, _ = _qkv(384, 77)
     out = attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), impl="chunked")
     assert out.dtype == jnp.bfloat16

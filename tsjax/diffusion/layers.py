@@ -199,8 +199,13 @@ def _cudnn_ok(q: jax.Array, k: jax.Array) -> bool:
             and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128 and q.shape[-1] == k.shape[-1])
 
 
-def _query_block(n: int, target: int = 128) -> int:
-    """Largest power-of-two block ``<= target`` dividing ``n`` (``n`` itself when none >= 8 does)."""
+def _query_block(n: int, target: int = 16) -> int:
+    """Largest power-of-two block ``<= target`` dividing ``n`` (``n`` itself when none >= 8 does).
+
+    16 query rows per block keep a block's ``[B*H, 16, M]`` logits/weights in cache: on one pinned core the
+    mid UNet's level-0 attention (B*H = 16, N = M = 1024, D = 16) takes 102-117 ms forward+backward with
+    blocks of 8-16 against 185-208 ms with 128 (PyTorch SDPA: 79 ms); at SD size (B*H = 5, 4096 tokens,
+    D = 64) 16 and 128 measure the same (1.52 s; PyTorch 1.00 s)."""
     b = target
     while b >= 8:
         if n % b == 0:
@@ -291,7 +296,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "auto", i
         path to read or to use where ``dot_product_attention`` is unavailable), or ``"auto"``: cuDNN flash
         attention on GPU for bf16/fp16 inputs whose head dim it supports (falling back to XLA if cuDNN
         rejects the call), ``"chunked"`` on CPU for non-causal attention over more than 256 queries
-        (query blocks of <= 128 rows, float32, custom flash-style backward: ~1.7x faster fwd+bwd than the
+        (query blocks of <= 16 rows, float32, custom flash-style backward: ~1.7x faster fwd+bwd than the
         full-matrix softmax on XLA:CPU), XLA otherwise.
       is_causal: mask keys after the query position (``N == M``).
     Returns ``[B, N, H, D]`` in ``q.dtype``.
