@@ -130,12 +130,13 @@ def _conv3x3_tap_dw_fwd(x, w):
 
 
 def _conv3x3_tap_dw_bwd(res, dy):
-    x, w = res
-    dx = jax.vjp(lambda x_: _conv3x3(x_, w), x)[1](dy)[0]
-    dw = jax.lax.platform_dependent(
-        x, dy, cpu=_tap_kernel_grad,
-        default=lambda x_, dy_: jax.vjp(lambda w_: _conv3x3(x_, w_), w)[1](dy_)[0].astype(jnp.float32))
-    return dx, dw.astype(w.dtype)
+    def cpu(x, w, dy):  # XLA's input gradient, the per-tap kernel gradient
+        return jax.vjp(lambda x_: _conv3x3(x_, w), x)[1](dy)[0], _tap_kernel_grad(x, dy).astype(w.dtype)
+
+    def xla(x, w, dy):
+        return jax.vjp(_conv3x3, x, w)[1](dy)
+
+    return jax.lax.platform_dependent(*res, dy, cpu=cpu, default=xla)
 
 
 _conv3x3_tap_dw.defvjp(_conv3x3_tap_dw_fwd, _conv3x3_tap_dw_bwd)
