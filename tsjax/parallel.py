@@ -142,8 +142,8 @@ def _global_leaf(x: Any, sharding: NamedSharding, shape: tuple[int, ...], local_
     order, the rows ``local_rows`` of axis 0 (this process's assets). Typed PRNG keys go through their
     raw key data."""
     if _is_key(x):
-        data = _global_leaf(jax.random.key_data(x), sharding, shape + jax.random.key_data(x).shape[x.ndim:],
-                            local_rows)
+        raw = jax.random.key_data(x)
+        data = _global_leaf(raw, sharding, shape + raw.shape[x.ndim:], local_rows)
         return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
     host = np.asarray(x)
     if local_rows is None:
@@ -324,20 +324,19 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     if addr is None and nproc is None and pid is None:
         return False
     if addr == "auto" and nproc is None and pid is None:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize()  # cluster auto-detection (raises when it finds no cluster)
-        barrier("tsjax-initialized")
-        return True
-    if addr is None or nproc is None or pid is None:
-        raise ValueError("multi-host needs all of TSJAX_COORDINATOR, TSJAX_NUM_PROCESSES and TSJAX_PROCESS_ID "
-                         f"(got coordinator={addr!r}, num_processes={nproc!r}, process_id={pid!r})")
-    try:
-        nproc, pid = int(nproc), int(pid)
-    except ValueError:
-        raise ValueError(f"TSJAX_NUM_PROCESSES={nproc!r} and TSJAX_PROCESS_ID={pid!r} must be integers") from None
-    if not 0 <= pid < nproc:
-        raise ValueError(f"TSJAX_PROCESS_ID={pid} must be in [0, TSJAX_NUM_PROCESSES={nproc})")
+        kwargs = {}  # cluster auto-detection (raises when it finds no cluster)
+    else:
+        if addr is None or nproc is None or pid is None:
+            raise ValueError("multi-host needs all of TSJAX_COORDINATOR, TSJAX_NUM_PROCESSES and TSJAX_PROCESS_ID "
+                             f"(got coordinator={addr!r}, num_processes={nproc!r}, process_id={pid!r})")
+        try:
+            nproc, pid = int(nproc), int(pid)
+        except ValueError:
+            raise ValueError(f"TSJAX_NUM_PROCESSES={nproc!r} and TSJAX_PROCESS_ID={pid!r} must be integers") from None
+        if not 0 <= pid < nproc:
+            raise ValueError(f"TSJAX_PROCESS_ID={pid} must be in [0, TSJAX_NUM_PROCESSES={nproc})")
+        kwargs = dict(coordinator_address=addr, num_processes=nproc, process_id=pid)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU barriers/gathers across processes
-    jax.distributed.initialize(coordinator_address=addr, num_processes=nproc, process_id=pid)
+    jax.distributed.initialize(**kwargs)
     barrier("tsjax-initialized")  # connects the processes now: a peer lost later fails barriers at once
     return True
