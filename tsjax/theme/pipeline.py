@@ -103,11 +103,12 @@ def check_out_dir(cfg: Config, opts: RunOptions) -> bool:
     return False
 
 
-def prepare_out_dir(cfg: Config, opts: RunOptions) -> Path:
+def prepare_out_dir(cfg: Config, opts: RunOptions, *, wipe: bool | None = None) -> Path:
     """Create/validate ``opts.out`` (:func:`check_out_dir`): refuses an existing non-empty folder unless
-    ``--resume`` (same config) or ``--overwrite`` (wiped)."""
+    ``--resume`` (same config) or ``--overwrite`` (wiped). ``wipe``: the result of a :func:`check_out_dir`
+    the caller already made (the folder is then not validated again)."""
     out = Path(opts.out)
-    if check_out_dir(cfg, opts):
+    if check_out_dir(cfg, opts) if wipe is None else wipe:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cache").mkdir(exist_ok=True)
@@ -287,9 +288,9 @@ def run(cfg: Config, opts: RunOptions) -> dict:
     if nproc == 1:
         out = prepare_out_dir(cfg, opts)
     else:  # every process validates the same folder state; then process 0 alone creates/wipes it
-        check_out_dir(cfg, opts)
+        wipe = check_out_dir(cfg, opts)
         par.barrier("tsjax-out-checked")
-        out = prepare_out_dir(cfg, opts) if main else Path(opts.out)
+        out = prepare_out_dir(cfg, opts, wipe=wipe) if main else Path(opts.out)
         par.barrier("tsjax-out-ready")
         if not main:  # process 0 computes and caches the shared stages; the others then load them
             log(f"      process {jax.process_index()}/{nproc}: waiting for process 0's shared stages")
