@@ -129,13 +129,13 @@ def _hard_exit(code: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tsjax.parallel import PeerLostError, initialize_distributed
-    from tsjax.theme.pipeline import NonFiniteLossError, RunOptions, run
+    from tsjax.theme.pipeline import NonFiniteLossError
 
     distributed = False
     try:
         # multi-host: TSJAX_COORDINATOR/NUM_PROCESSES/PROCESS_ID, before any JAX computation
         distributed = initialize_distributed()
-        rc = _main(args, run, RunOptions)
+        rc = _main(args)
     except (ValueError, FileNotFoundError, NonFiniteLossError, PeerLostError) as e:
         print(f"error: {e}", file=sys.stderr)
         rc = 2
@@ -150,10 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
-def _main(args: argparse.Namespace, run, RunOptions) -> int:  # noqa: N803 (the class, imported by main)
+def _main(args: argparse.Namespace) -> int:
     import jax
 
     from tsjax.compile_cache import default_cache_dir, enable_compile_cache
+    from tsjax.theme.pipeline import RunOptions, run
 
     cfg = config_from_args(args)
     enable_compile_cache(default_cache_dir() if args.compile_cache is None else args.compile_cache)
