@@ -33,3 +33,43 @@ def exemplars_root() -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+def _launch_processes(argv, *, n: int = 2, env: dict | None = None, per_process=None, timeout: float = 300):
+    """Run ``n`` copies of ``argv`` as one ``jax.distributed`` job on localhost and wait for all of them.
+
+    Each process gets ``JAX_PLATFORMS=cpu``, the ``TSJAX_COORDINATOR`` / ``TSJAX_NUM_PROCESSES`` /
+    ``TSJAX_PROCESS_ID`` variables (a free local port), no inherited ``XLA_FLAGS``, then ``env``;
+    ``per_process(pid)`` returns extra arguments for process ``pid``. Processes still running after
+    ``timeout`` s (or when waiting fails) are killed. Returns one ``CompletedProcess`` per process id.
+    """
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = []
+    try:
+        for pid in range(n):
+            e = dict(os.environ, JAX_PLATFORMS="cpu", TSJAX_COORDINATOR=f"localhost:{port}",
+                     TSJAX_NUM_PROCESSES=str(n), TSJAX_PROCESS_ID=str(pid))
+            e.pop("XLA_FLAGS", None)
+            e.update(env or {})
+            args = list(argv) + (list(per_process(pid)) if per_process else [])
+            procs.append(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e))
+        done = []
+        for p in procs:
+            o, err = p.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(p.args, p.returncode, o, err))
+        return done
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+@pytest.fixture
+def launch_processes():
+    """:func:`_launch_processes`: ``launch_processes(argv, n=2, env=..., per_process=..., timeout=...)``."""
+    return _launch_processes

@@ -1,5 +1,4 @@
 """``python -m tsjax.optimize``: user errors (one line, exit 2) and end-to-end runs of the tiny preset."""
-import json
 import subprocess
 import sys
 
@@ -81,34 +80,19 @@ def test_devices_errors_are_clear(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_multi_process_failure_ends_every_process_quickly(tmp_path):
+def test_multi_process_failure_ends_every_process_quickly(tmp_path, launch_processes):
     """Two jax.distributed processes (localhost, gloo); process 1 gets a missing --init file: it prints the
     one-line error and exits 2 at once, and process 0 stops at its next barrier instead of hanging."""
-    import os
-    import socket
     import time
 
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    procs = []
     t0 = time.monotonic()
-    for pid in range(2):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", TSJAX_COORDINATOR=f"localhost:{port}", TSJAX_NUM_PROCESSES="2",
-                   TSJAX_PROCESS_ID=str(pid), XLA_FLAGS="--xla_force_host_platform_device_count=1")
-        extra = ["--init", str(tmp_path / "missing.obj")] if pid == 1 else []
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "tsjax.optimize", "--out", str(tmp_path / "run"), "--devices", "2",
-             "--num-assets", "2", "--no-progress", "--compile-cache", "off", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
-    try:
-        outs = [p.communicate(timeout=240) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    procs = launch_processes(
+        [sys.executable, "-m", "tsjax.optimize", "--out", str(tmp_path / "run"), "--devices", "2", "--num-assets",
+         "2", "--no-progress", "--compile-cache", "off"],
+        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+        per_process=lambda pid: ["--init", str(tmp_path / "missing.obj")] if pid == 1 else [], timeout=240)
     elapsed = time.monotonic() - t0
-    (_, e0), (_, e1) = outs
+    e0, e1 = procs[0].stderr, procs[1].stderr
     assert procs[1].returncode == 2 and "error: --init" in e1 and "mesh file not found" in e1, e1[-2000:]
     assert procs[0].returncode == 2 and "error: multi-process barrier" in e0 and "another process" in e0, e0[-2000:]
     assert elapsed < 120, f"the processes took {elapsed:.0f} s to stop (shutdown-barrier hang?)"

@@ -169,31 +169,13 @@ MULTI = textwrap.dedent(
 )
 
 
-def test_two_processes_feed_and_read_only_their_assets():
+def test_two_processes_feed_and_read_only_their_assets(launch_processes):
     """jax.distributed on localhost, 2 processes x 2 CPU devices: each process builds the global arrays
     from its own assets, runs the sharded step and reads back exactly the single-asset results."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for pid in range(2):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", TSJAX_COORDINATOR=f"localhost:{port}",
-                   TSJAX_NUM_PROCESSES="2", TSJAX_PROCESS_ID=str(pid))
-        env.pop("XLA_FLAGS", None)
-        procs.append(subprocess.Popen([sys.executable, "-c", MULTI], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, env=env))
     outs = []
-    try:
-        for p in procs:
-            o, e = p.communicate(timeout=300)
-            assert p.returncode == 0, e[-3000:]
-            outs.append(json.loads(o.strip().splitlines()[-1]))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    for p in launch_processes([sys.executable, "-c", MULTI], timeout=300):
+        assert p.returncode == 0, p.stderr[-3000:]
+        outs.append(json.loads(p.stdout.strip().splitlines()[-1]))
     assert [r["process"] for r in outs] == [0, 1]
     assert all(r["devices"] == 4 and r["local"] == 2 for r in outs)
     assert outs[0]["mine"] == [0, 1, 2, 3] and outs[1]["mine"] == [4, 5, 6, 7]

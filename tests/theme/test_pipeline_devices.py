@@ -15,7 +15,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -56,28 +55,9 @@ def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
                           timeout=900)
 
 
-def _run_two_processes(out: Path) -> list[subprocess.CompletedProcess]:
+def _run_two_processes(out: Path, launch) -> list[subprocess.CompletedProcess]:
     """The same run as two jax.distributed processes with one CPU device each (gloo on localhost)."""
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for pid in range(2):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", TSJAX_COORDINATOR=f"localhost:{port}", TSJAX_NUM_PROCESSES="2",
-                   TSJAX_PROCESS_ID=str(pid), TSJAX_TEST_LOCAL_DEVICES="1")
-        env.pop("XLA_FLAGS", None)
-        procs.append(subprocess.Popen([sys.executable, __file__, str(out)], stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True, env=env))
-    done = []
-    try:
-        for p in procs:
-            o, e = p.communicate(timeout=900)
-            done.append(subprocess.CompletedProcess(p.args, p.returncode, o, e))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return done
+    return launch([sys.executable, __file__, str(out)], env={"TSJAX_TEST_LOCAL_DEVICES": "1"}, timeout=900)
 
 
 def _records(path: Path) -> list[dict]:
@@ -86,7 +66,7 @@ def _records(path: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_two_assets_sharded_over_two_devices(tmp_path):
+def test_two_assets_sharded_over_two_devices(tmp_path, launch_processes):
     out = tmp_path / "run"
     proc = _run(out)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -116,7 +96,7 @@ def test_two_assets_sharded_over_two_devices(tmp_path):
 
     # multi-host path: 2 processes x 1 device (jax.distributed, TSJAX_* variables) = the same group
     out2 = tmp_path / "two_processes"
-    p0, p1 = _run_two_processes(out2)
+    p0, p1 = _run_two_processes(out2, launch_processes)
     assert p0.returncode == 0 and p1.returncode == 0, (p0.stderr[-3000:], p1.stderr[-3000:])
     assert "process 1/2: waiting for process 0's shared stages" in p1.stderr
     assert "process 0/2: assets [0]" in p0.stderr and "process 1/2: assets [1]" in p1.stderr
