@@ -161,6 +161,8 @@ class GuidanceConfig:
       :func:`guidance_t_ranges` using ``high_t``, ``low_t`` and ``full_t`` (fractions of T).
     alpha / beta: weights of the concept / reference VSD terms (0.2 / 1.0).
     guidance_scale: CFG scale of the prior predictions (7.5).
+    reference_guidance_scale: CFG scale of the reference prior when it should differ (None: the same
+      ``guidance_scale``; 1.0: no CFG, the conditional prediction only).
     normal_distillation: also distil the normal render with the reference prior.
     lora_rank / lora_lr / camera_dropout: the VSD LoRA (rank 4, lr 1e-4, camera dropped 10%).
     contextual / contextual_weight / contextual_views: contextual loss against the img2img views.
@@ -176,6 +178,7 @@ class GuidanceConfig:
     low_t: tuple[float, float] = (0.1, 0.25)
     full_t: tuple[float, float] = (0.02, 0.98)
     guidance_scale: float = 7.5
+    reference_guidance_scale: float | None = None
     normal_distillation: bool = True
     lora_rank: int = 4
     lora_lr: float = 1e-4

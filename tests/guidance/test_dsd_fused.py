@@ -40,16 +40,18 @@ def setup(calls, normal=True):
     return concept, ref, lora, zc, zn, cam
 
 
-@pytest.mark.parametrize("scale,normal,mode", [(7.5, True, "dsd"), (1.0, True, "dsd"), (7.5, False, "dsd"),
-                                               (7.5, True, "concept_only")])
-def test_fused_matches_per_term(scale, normal, mode):
+@pytest.mark.parametrize("scale,normal,mode,ref_scale", [(7.5, True, "dsd", None), (1.0, True, "dsd", None),
+                                                         (7.5, False, "dsd", None), (7.5, True, "concept_only", None),
+                                                         (7.5, True, "dsd", 1.0), (1.0, False, "dsd", 3.0)])
+def test_fused_matches_per_term(scale, normal, mode, ref_scale):
     calls = []
     concept, ref, lora, zc, zn, cam = setup(calls, normal)
     direction = jnp.array([0, 2], jnp.int32)
     ref_t = None if mode == "concept_only" else (0.1, 0.25)
 
     def run(fuse):
-        st = DSDSettings(guidance_scale=scale, reference_t=ref_t, normal_distillation=normal, fuse_passes=fuse)
+        st = DSDSettings(guidance_scale=scale, reference_guidance_scale=ref_scale, reference_t=ref_t,
+                         normal_distillation=normal, fuse_passes=fuse)
 
         def f(zc, zn, lp):
             lo = PriorPrompts(Denoiser(lora.denoiser.apply, lp), lora.color, lora.normal)
@@ -77,3 +79,24 @@ def test_fused_matches_per_term(scale, normal, mode):
     assert len(c1) == n_priors + 2, (c0, c1)
     assert len(c1) < len(c0) if mode == "dsd" else len(c1) == len(c0)
     assert sum(c1) == sum(c0)  # the same rows are evaluated
+
+
+def test_reference_guidance_scale_applies_to_the_reference_terms_only():
+    """``reference_guidance_scale`` sets the reference prior's CFG; the concept term keeps ``guidance_scale``:
+    each term equals the one computed with that scale for every prior, on both paths."""
+    concept, ref, lora, zc, zn, cam = setup([])
+    direction = jnp.array([1, 3], jnp.int32)
+
+    def terms(fuse, **kw):
+        st = DSDSettings(fuse_passes=fuse, **kw)
+        return dsd_loss(jax.random.key(7), color_latents=zc, normal_latents=zn, camera=cam, direction=direction,
+                        concept=concept, reference=ref, lora=lora,
+                        scheduler=DDIMScheduler.from_config(TINY_SCHEDULER), settings=st)[1]
+
+    for fuse in (False, True):
+        mixed = terms(fuse, guidance_scale=7.5, reference_guidance_scale=1.0)
+        all75, all1 = terms(fuse, guidance_scale=7.5), terms(fuse, guidance_scale=1.0)
+        np.testing.assert_allclose(float(mixed["loss_concept"]), float(all75["loss_concept"]), rtol=1e-6)
+        for k in ("loss_ref_color", "loss_ref_normal"):
+            np.testing.assert_allclose(float(mixed[k]), float(all1[k]), rtol=1e-6)
+            assert abs(float(all75[k]) - float(all1[k])) > 1e-3 * abs(float(all1[k]))  # CFG matters here

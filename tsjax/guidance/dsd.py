@@ -49,7 +49,9 @@ class DSDSettings:
     """Static settings (hashable metadata) of :func:`dsd_loss`.
 
     concept_t / reference_t: (lo, hi) fractions of T or None (term off). alpha, beta: term weights.
-    guidance_scale: CFG of the priors. normal_distillation: reference prior also on the normal render.
+    guidance_scale: CFG of the priors. reference_guidance_scale: CFG of the reference prior when it should
+      differ (None: ``guidance_scale``; 1: conditional prediction only, no unconditional pass).
+    normal_distillation: reference prior also on the normal render.
     camera_dropout: LoRA training camera dropout. lora_weight: weight of the LoRA loss in the total.
     fuse_passes: run the weight-sharing UNet passes batched (see :func:`dsd_loss`): the reference prior
       once on ``[uncond, cond] x [colour, normal]`` (4B rows), the concept prior once (2B rows), the LoRA
@@ -63,10 +65,16 @@ class DSDSettings:
     alpha: float = flax.struct.field(pytree_node=False, default=0.2)
     beta: float = flax.struct.field(pytree_node=False, default=1.0)
     guidance_scale: float = flax.struct.field(pytree_node=False, default=7.5)
+    reference_guidance_scale: float | None = flax.struct.field(pytree_node=False, default=None)
     normal_distillation: bool = flax.struct.field(pytree_node=False, default=True)
     camera_dropout: float = flax.struct.field(pytree_node=False, default=0.1)
     lora_weight: float = flax.struct.field(pytree_node=False, default=1.0)
     fuse_passes: bool = flax.struct.field(pytree_node=False, default=False)
+
+    @property
+    def ref_scale(self) -> float:
+        """The reference prior's CFG scale (``reference_guidance_scale``, else ``guidance_scale``)."""
+        return self.guidance_scale if self.reference_guidance_scale is None else self.reference_guidance_scale
 
 
 def _rows(table: Array, direction: Array) -> Array:
@@ -94,15 +102,17 @@ def _fused(ks: Array, color_latents: Array, normal_latents: Array | None, camera
         if use_normal:
             terms.append(("ref_normal", ks[2], normal_latents, reference, _rows(reference.normal, direction),
                           _rows(lora.normal, direction), s.reference_t))
+    scales = [s.guidance_scale if tm[0] == "concept" else s.ref_scale for tm in terms]
     draws = [vsd_noise(k, z, scheduler, tr) for (_, k, z, _, _, _, tr) in terms]
     # prior passes: one call per prior with [uncond; cond] for each of its terms
     prior_out: list[Array] = [None] * len(terms)  # type: ignore[list-item]
     groups: dict[int, list[int]] = {}
     for i, term in enumerate(terms):
         groups.setdefault(id(term[3]), []).append(i)
-    cfg = float(s.guidance_scale) != 1.0
     for idx in groups.values():
         prior = terms[idx[0]][3]
+        scale = scales[idx[0]]  # one scale per prior (the reference terms share theirs)
+        cfg = float(scale) != 1.0
         xs, ts, ctx, cams = [], [], [], []
         for i in idx:
             t, _, x_t = draws[i]
@@ -116,7 +126,7 @@ def _fused(ks: Array, color_latents: Array, normal_latents: Array | None, camera
         for j, i in enumerate(idx):
             if cfg:
                 u, c = parts[2 * j], parts[2 * j + 1]
-                prior_out[i] = u + s.guidance_scale * (c - u)
+                prior_out[i] = u + scale * (c - u)
             else:
                 prior_out[i] = parts[j]
     m: dict[str, Array] = {}
@@ -192,7 +202,7 @@ def dsd_loss(key: Array, *, color_latents: Array, normal_latents: Array | None, 
     if reference is not None and s.reference_t is not None:
         o = vsd_term(ks[1], color_latents, prior=reference.denoiser, lora=lora.denoiser, scheduler=scheduler,
                      cond=_rows(reference.color, direction), uncond=uncond_of(reference), camera=camera,
-                     t_range=s.reference_t, guidance_scale=s.guidance_scale,
+                     t_range=s.reference_t, guidance_scale=s.ref_scale,
                      lora_cond=_rows(lora.color, direction))
         m["loss_ref_color"], m["t_reference"] = o.loss, jnp.mean(o.t.astype(jnp.float32))
         if use_normal:
@@ -201,7 +211,7 @@ def dsd_loss(key: Array, *, color_latents: Array, normal_latents: Array | None, 
                                  "and the LoRA")
             o = vsd_term(ks[2], normal_latents, prior=reference.denoiser, lora=lora.denoiser, scheduler=scheduler,
                          cond=_rows(reference.normal, direction), uncond=uncond_of(reference), camera=camera,
-                         t_range=s.reference_t, guidance_scale=s.guidance_scale,
+                         t_range=s.reference_t, guidance_scale=s.ref_scale,
                          lora_cond=_rows(lora.normal, direction))
             m["loss_ref_normal"] = o.loss
     l_dsd = s.alpha * m["loss_concept"] + s.beta * (m["loss_ref_color"] + m["loss_ref_normal"])
