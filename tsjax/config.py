@@ -346,7 +346,12 @@ PLAIN_PERF = PerfConfig(compute_dtype="float32", fuse_unet_passes=False, attenti
 
 @_frozen
 class Config:
-    """The whole pipeline configuration (see the section classes)."""
+    """The whole pipeline configuration (see the section classes).
+
+    seed: the root of every random draw. stage2_seed: folded into each asset's stage-2 key (cameras,
+    timesteps, noise) when non-zero; rerunning with another value on the same ``--out`` caches redoes
+    stage 2 only, with new draws (0: the key of ``seed`` alone).
+    """
 
     name: str = "default"
     data: DataConfig = DataConfig()
@@ -365,6 +370,7 @@ class Config:
     checkpoint_every: int = 500
     log_every: int = 10
     seed: int = 0
+    stage2_seed: int = 0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -601,6 +601,12 @@ def _stage2_spec(cfg: Config, opts: RunOptions, common: dict, lora_apply: Callab
         perf=cfg.perf)
 
 
+def _stage2_key(cfg: Config, akey: jax.Array) -> jax.Array:
+    """An asset's stage-2 key: ``fold_in(asset key, 14)``, and ``cfg.stage2_seed`` folded in when non-zero."""
+    key = jax.random.fold_in(akey, 14)
+    return jax.random.fold_in(key, cfg.stage2_seed) if cfg.stage2_seed else key
+
+
 def _stage2_asset(cfg: Config, opts: RunOptions, common: dict, a: dict) -> dict:
     """Per-asset stage-2 setup: DMTet fitted to the init model (cached), LoRA, concept prior and contextual
     targets -> ``inputs``, a fresh ``state`` (restored from ``ckpt/`` on ``--resume``: ``restored_step``)."""
@@ -635,7 +641,7 @@ def _stage2_asset(cfg: Config, opts: RunOptions, common: dict, a: dict) -> dict:
     state = S.init_state(geo, S.init_background(jax.random.fold_in(akey, 13)), lora_train, opt)
     ck = Checkpointer(adir / "ckpt")
     return {"adir": adir, "spec": spec, "inputs": inputs, "state": state, "ck": ck,
-            "restored_step": ck.latest_step() if opts.resume else None, "key": jax.random.fold_in(akey, 14)}
+            "restored_step": ck.latest_step() if opts.resume else None, "key": _stage2_key(cfg, akey)}
 
 
 def _stage2(cfg: Config, opts: RunOptions, common: dict, prepared: list[dict], *, prog: _Progress,
