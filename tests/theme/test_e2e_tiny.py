@@ -6,7 +6,8 @@ trained from scratch, concept sampling, reference prior, nearest-exemplar init +
 with img2img pseudo views, DSD stage 2, GLB/OBJ export, turntables, gallery). A second run with
 ``guidance.mode=concept_only`` (no reference prior: ablation (a) of the paper) reuses the first run's
 shared-stage caches (same seed, so the same priors, concept image, pseudo views and init) and differs only
-in stage 2; it is the control for the palette check.
+in stage 2; it is the control for the palette check. Both are repeated with ``stage2_seed=1`` (new stage-2
+draws on the same shared stages), so the palette check compares means over two stage-2 seeds.
 """
 import json
 import shutil
@@ -40,7 +41,7 @@ _RUNS: dict = {}
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """``{"dsd": out_dir, "concept_only": out_dir}`` of the two tiny runs."""
+    """``{"dsd": out_dir, "concept_only": out_dir, "dsd_s1": out_dir, "concept_only_s1": out_dir}``."""
     if not _RUNS:
         _RUNS.update(_make_runs(tmp_path_factory))
     return dict(_RUNS)
@@ -53,17 +54,25 @@ def _make_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     dsd = root / "dsd"
     assert main(_args(dsd)) == 0
-    # the control: same seed and shared stages (copied caches), stage 2 guided by the concept prior only
-    ctl = root / "concept_only"
-    (ctl / "asset_0").mkdir(parents=True)
-    shutil.copytree(dsd / "cache", ctl / "cache")
-    for f in ("concept_prior.msgpack", "pseudo_views.msgpack", "geo_init.msgpack"):
-        shutil.copy(dsd / "asset_0" / f, ctl / "asset_0" / f)
-    cfg = apply_overrides(load_config("tiny"), REDUCED + ["guidance.mode=concept_only", f"steps={STEPS}",
-                                                          "data.exemplars=builtin:toy-houses"])
-    (ctl / "config.json").write_text(json.dumps(to_dict(cfg), indent=1, sort_keys=True))
-    assert main(_args(ctl, ["guidance.mode=concept_only"]) + ["--resume"]) == 0
-    return {"dsd": dsd, "concept_only": ctl}
+
+    def stage2_again(name, extra):
+        """Stage 2 alone with ``extra`` overrides, on copies of the first run's shared-stage caches (same
+        priors, concept image, pseudo views and init)."""
+        out = root / name
+        (out / "asset_0").mkdir(parents=True)
+        shutil.copytree(dsd / "cache", out / "cache")
+        for f in ("concept_prior.msgpack", "pseudo_views.msgpack", "geo_init.msgpack"):
+            shutil.copy(dsd / "asset_0" / f, out / "asset_0" / f)
+        cfg = apply_overrides(load_config("tiny"), REDUCED + extra + [f"steps={STEPS}",
+                                                                      "data.exemplars=builtin:toy-houses"])
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1, sort_keys=True))
+        assert main(_args(out, extra) + ["--resume"]) == 0
+        return out
+
+    # the control: stage 2 guided by the concept prior only
+    return {"dsd": dsd, "concept_only": stage2_again("concept_only", ["guidance.mode=concept_only"]),
+            "dsd_s1": stage2_again("dsd_s1", ["stage2_seed=1"]),
+            "concept_only_s1": stage2_again("concept_only_s1", ["guidance.mode=concept_only", "stage2_seed=1"])}
 
 
 def _manifest(out):
@@ -116,7 +125,7 @@ def test_tiny_stage2_objective_decreases(runs):
     because t and the noise are random). The DSD term is the VSD surrogate
     ``0.5 * ||w(t) (eps_prior_cfg - eps_lora)||^2``: the size of the distillation gradient, not a quantity
     VSD drives to zero (with CFG the prior and the LoRA never agree), and in the tiny preset it stays
-    roughly level (measured 3.72 -> 3.73, window means, in this 90-step run; the total 275 -> 197); the
+    roughly level (measured 2.21 -> 2.34, window means, in this 90-step run; the total 269 -> 194); the
     check is that it does not diverge. The tiny preset distils colour only, so the normal term is 0.
     """
     recs = _metrics(runs["dsd"])
@@ -138,8 +147,8 @@ def test_tiny_result_differs_from_every_exemplar(runs):
     The built-in init is the exemplar nearest to the concept silhouette, fitted by DMTet, and the tiny
     preset's low geometry learning rates keep its massing, so the stated thresholds are: the result is
     further from that source exemplar than the DMTet fit of the exemplar itself is (+0.001; measured fit
-    0.0239, result 0.0303: a no-op stage 2 fails this), and further than 0.05 from every other exemplar
-    (measured 0.072-0.078).
+    0.0239, result 0.0312: a no-op stage 2 fails this), and further than 0.05 from every other exemplar
+    (measured 0.074-0.082).
     """
     from tsjax.config import load_config
     from tsjax.data.mesh import load_exemplars
@@ -164,24 +173,24 @@ def test_tiny_result_differs_from_every_exemplar(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="measured: at the reduced tiny preset the reference prior does not keep "
-                   "the palette closer (palette distance 6.8 with DSD vs 6.2 concept-only; 14.0 vs 13.6 before "
-                   "prompt dropout and the colour-only tiny reference prior); open in issue 6")
 def test_tiny_reference_prior_keeps_the_palette(runs):
-    """With the reference prior (DSD) the result's colours (unlit albedo turntable, foreground Lab,
-    sliced W1) should be closer to the exemplars' palette than without it (``guidance.mode=concept_only``,
-    same seed and shared stages). Strict xfail: it records a measured negative result of the tiny preset
-    and fails (XPASS) as soon as the preset does keep the palette, so the marker must then be removed.
+    """With the reference prior (DSD) the result's colours (unlit albedo turntable, foreground Lab, sliced
+    W1 to the exemplars' renders) are closer to the exemplars' palette than without it
+    (``guidance.mode=concept_only``), as means over stage-2 seeds 0 and 1 on the same shared stages.
 
-    Measured (stage 2 rerun on one run's shared stages, palette distance, lower = closer; concept-only
-    5.6): reference prior on colour + normal renders 9.7 (seed 1: 10.9), the same at beta 0.2 6.4, without
-    normal distillation 8.9, colour-only reference prior 6.5, colour-only on perspective views (the tiny
-    preset now) 5.9. Every reference-prior variant stays slightly behind the concept prior alone: the
-    low-noise term of a from-scratch prior adds colour noise rather than pulling toward the exemplars."""
-    p_dsd = _manifest(runs["dsd"])["assets"][0]["palette_distance_to_exemplars"]
-    p_ctl = _manifest(runs["concept_only"])["assets"][0]["palette_distance_to_exemplars"]
-    assert _manifest(runs["concept_only"])["guidance_mode"] == "concept_only"
-    assert p_dsd < p_ctl, (p_dsd, p_ctl)
+    Measured (palette distance, lower = closer; stage-2 seeds 0 / 1 / 2 / 3): concept prior only
+    6.18 / 5.80 / 5.71 / 5.95, DSD 6.15 / 5.65 / 5.68 / 5.58 (means over seeds 0-1: 5.99 vs 5.90). The
+    effect is small at this reduced size but holds on every seed tried; it needs the reference prior
+    queried without CFG (the tiny preset's ``reference_guidance_scale=1``, see configs/tiny.py): with CFG 3
+    DSD was further from the palette than the control (6.35 / 7.12 on seeds 0 / 1)."""
+    man = {k: _manifest(v) for k, v in runs.items()}
+    assert man["concept_only"]["guidance_mode"] == man["concept_only_s1"]["guidance_mode"] == "concept_only"
+    pal = {k: m["assets"][0]["palette_distance_to_exemplars"] for k, m in man.items()}
+    assert pal["dsd"] != pal["dsd_s1"]  # the second seed really redrew stage 2
+    p_dsd = 0.5 * (pal["dsd"] + pal["dsd_s1"])
+    p_ctl = 0.5 * (pal["concept_only"] + pal["concept_only_s1"])
+    assert p_dsd < p_ctl, pal
+
 
 @pytest.mark.slow
 def test_paper_step_lowers_at_full_size():
