@@ -89,9 +89,16 @@ def test_unet_bf16_compute_tracks_fp32_with_fp32_master_params():
     assert np.corrcoef(k32.ravel(), k16.ravel())[0, 1] > 0.99
 
 
+@pytest.fixture
+def no_native_conv(monkeypatch):
+    """The per-tap path is the fallback where tsjax's native CPU conv kernels are not available."""
+    monkeypatch.setenv("TSJAX_NATIVE_CONV", "0")
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_conv3x3_tap_kernel_gradient_matches_xla(dtype):
-    """Large 3x3 convs take the per-tap GEMM kernel gradient on CPU: same value and gradients as nn.Conv."""
+def test_conv3x3_tap_kernel_gradient_matches_xla(dtype, no_native_conv):
+    """Without the native kernels, large 3x3 convs take the per-tap GEMM kernel gradient on CPU: same value
+    and gradients as nn.Conv."""
     x = jax.random.normal(jax.random.key(0), (1, 128, 128, 128), jnp.float32)
     fast = layers.conv(128, 3, "c", dtype)
     plain = nn.Conv(128, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype, param_dtype=jnp.float32)
@@ -117,7 +124,7 @@ def test_conv3x3_tap_kernel_gradient_matches_xla(dtype):
     assert "branches_platforms=(('cpu',), None)" in jaxpr  # the large conv's backward took the tap path
 
 
-def test_conv3x3_tap_path_limits():
+def test_conv3x3_tap_path_limits(no_native_conv):
     """Small maps, few channels, strides and other kernel sizes keep lax.conv_general_dilated."""
     def taken(shape, features, kernel=3, stride=1):
         m = layers.conv(features, kernel, "c", jnp.float32, stride=stride)

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tsjax.ops import conv as native_conv
+
 Dtype = Any
 
 __all__ = ["ATTENTION_IMPLS", "attention", "timestep_embedding", "group_norm", "LayerNorm", "Attention",
@@ -142,18 +144,20 @@ def _conv3x3_tap_dw_bwd(res, dy):
 _conv3x3_tap_dw.defvjp(_conv3x3_tap_dw_fwd, _conv3x3_tap_dw_bwd)
 
 
-def _takes_tap_dw(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                  feature_group_count, precision, kw) -> bool:
-    """Whether an ``nn.Conv`` call is a large NHWC/HWIO 3x3 stride-1 padding-1 conv (see the limits above)."""
-    if lhs.ndim != 4 or rhs.ndim != 4 or rhs.shape[:2] != (3, 3) or kw or precision is not None:
+def _plain_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count, precision,
+                kw) -> bool:
+    """Whether an ``nn.Conv`` call is an undilated, ungrouped NHWC x HWIO conv with default precision."""
+    if lhs.ndim != 4 or rhs.ndim != 4 or kw or precision is not None or feature_group_count != 1:
         return False
     if jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != \
             jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")):
         return False
-    if tuple(window_strides) != (1, 1) or [tuple(p) for p in padding] != [(1, 1), (1, 1)] \
-            or feature_group_count != 1:
-        return False
-    if not all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation)):
+    return all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
+
+
+def _takes_tap_dw(lhs, rhs, window_strides, padding) -> bool:
+    """Whether a plain NHWC conv is a large 3x3 stride-1 padding-1 conv (see the limits above)."""
+    if rhs.shape[:2] != (3, 3) or tuple(window_strides) != (1, 1) or [tuple(p) for p in padding] != [(1, 1), (1, 1)]:
         return False
     ch = min(rhs.shape[2], rhs.shape[3])
     return ch >= _TAP_DW_MIN_CHANNELS and lhs.shape[1] * lhs.shape[2] * ch >= _TAP_DW_MIN_WORK
@@ -161,10 +165,15 @@ def _takes_tap_dw(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
 
 def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                           dimension_numbers=None, feature_group_count=1, precision=None, **kw):
-    """``lax.conv_general_dilated`` for ``nn.Conv``, routing large 3x3 "same" convs to ``_conv3x3_tap_dw``."""
-    if _takes_tap_dw(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                     feature_group_count, precision, kw):
-        return _conv3x3_tap_dw(lhs, rhs)
+    """``lax.conv_general_dilated`` for ``nn.Conv``. On the CPU, plain NHWC convs run tsjax's native kernels
+    (``tsjax.ops.conv.conv2d``: forward and both gradients; float32, ``Cout`` a multiple of 16); where
+    those are not available, large 3x3 "same" convs take ``_conv3x3_tap_dw``'s kernel gradient."""
+    if _plain_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count, precision, kw) \
+            and not isinstance(padding, str):
+        if native_conv.native_eligible(lhs.shape, rhs.shape, lhs.dtype, rhs.dtype):
+            return native_conv.conv2d(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding))
+        if _takes_tap_dw(lhs, rhs, window_strides, padding):
+            return _conv3x3_tap_dw(lhs, rhs)
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                                         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                                         feature_group_count=feature_group_count, precision=precision, **kw)
@@ -173,8 +182,9 @@ def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, 
 def conv(features: int, kernel: int, name: str, dtype: Dtype, stride: int = 1, padding: Any = None) -> nn.Conv:
     """A float32-parameter ``nn.Conv`` (kernel HWIO = torch OIHW transposed); default padding ``k // 2``.
 
-    Large 3x3 stride-1 convs get a faster kernel gradient on CPU (``_conv3x3_tap_dw``); values, input
-    gradients and every other conv are ``lax.conv_general_dilated``'s.
+    On the CPU, float32 convs with ``features`` a multiple of 16 run tsjax's native kernels
+    (``tsjax.ops.conv``); without them, large 3x3 stride-1 convs get a faster kernel gradient
+    (``_conv3x3_tap_dw``). Everything else is ``lax.conv_general_dilated``.
     """
     p = kernel // 2 if padding is None else padding
     pad = ((p, p), (p, p)) if isinstance(p, int) else p

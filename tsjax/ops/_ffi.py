@@ -18,8 +18,10 @@ _TARGET = "tsjax_rasterize"
 _IDS_TARGET = "tsjax_rasterize_ids"  # ids only (CPU); other platforms slice the full call
 # extra CPU-only targets of libtsjax_cpu.so: (FFI target name, exported symbol)
 _ROWS_TARGETS = ("tsjax_gather_rows", "tsjax_scatter_add_rows")
+_CONV_TARGETS = ("tsjax_conv_forward", "tsjax_conv_kernel_grad")
 _CPU_EXTRA = ((_ROWS_TARGETS[0], "TsjaxGatherRowsCpu"), (_ROWS_TARGETS[1], "TsjaxScatterAddRowsCpu"),
-              (_IDS_TARGET, "TsjaxRasterizeIdsCpu"))
+              (_IDS_TARGET, "TsjaxRasterizeIdsCpu"), (_CONV_TARGETS[0], "TsjaxConvForwardCpu"),
+              (_CONV_TARGETS[1], "TsjaxConvKernelGradCpu"))
 
 
 @functools.cache
@@ -48,6 +50,8 @@ def _load() -> dict[str, bool]:
                 if hasattr(lib, extra):
                     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, extra)), platform="cpu")
                     done[target] = True
+            if hasattr(lib, "TsjaxConvIsa"):
+                done["conv_isa"] = int(lib.TsjaxConvIsa())
     return done
 
 
@@ -55,6 +59,13 @@ def rows_available() -> bool:
     """True when the CPU row gather / scatter-add kernels are registered and the default backend is
     the CPU (other platforms use XLA's own gather / scatter)."""
     return jax.default_backend() == "cpu" and all(_load().get(t, False) for t in _ROWS_TARGETS)
+
+
+def conv_isa() -> int:
+    """Instruction set of the native CPU convolution kernels: 0 = not available (library not built, or a
+    CPU without AVX2+FMA), 1 = AVX2+FMA, 2 = AVX-512F (``TSJAX_CONV_ISA=avx2`` caps it at 1)."""
+    done = _load()
+    return done.get("conv_isa", 0) if all(done.get(t, False) for t in _CONV_TARGETS) else 0
 
 
 def available(platform: str | None = None) -> bool:

@@ -1,0 +1,92 @@
+// Direct 2-D convolution kernels for the CPU (NHWC activations, HWIO kernels), framework-agnostic.
+//
+// Why: XLA:CPU runs a convolution's forward at roughly PyTorch's (oneDNN's) speed but its backward,
+// above all the kernel gradient, 1.5-3x slower (bench/README.md, "Native CPU convolution"). These
+// kernels compute
+//
+//   forward          y[b, ho, wo, co]  = sum_{i, j, ci} x[b, ho*sh + i - ph, wo*sw + j - pw, ci] * w[i, j, ci, co]
+//   kernel gradient  dw[i, j, ci, co]  = sum_{b, ho, wo} x[b, ho*sh + i - ph, wo*sw + j - pw, ci] * dy[b, ho, wo, co]
+//
+// (out-of-range x reads are zeros) as "indirect GEMMs": no im2col buffer, the rows of x are read in
+// place through per-pixel, per-tap row pointers. The input gradient of a stride-1 conv is the forward
+// of dy with the spatially flipped, in/out-transposed kernel and padding k - 1 - p (tsjax/ops/conv.py).
+//
+// Precision: float32 in, float32 out, float32 accumulation (fused multiply-adds). Results do not depend on
+// the thread count: every output element is owned by one work item and summed in a fixed order.
+//
+// Instruction sets: AVX-512F (16-wide) or AVX2+FMA (8-wide) micro-kernels, chosen at run time from the
+// CPU's features (ConvIsa). The caller provides the parallel loop (XLA's intra-op pool in the FFI
+// handler, plain threads in tests).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+
+namespace tsjax {
+
+struct ConvParams {
+  int64_t batch, h, w, ci;   // input  [batch, h, w, ci]
+  int64_t ho, wo, co;        // output [batch, ho, wo, co]
+  int64_t kh, kw;            // kernel [kh, kw, ci, co]
+  int64_t sh, sw;            // strides
+  int64_t ph, pw;            // leading (top / left) padding; trailing padding follows from ho / wo
+};
+
+// ParallelFor(n, fn): call fn(i) once for every i in [0, n), possibly concurrently, and return when all
+// calls have returned.
+using ParallelFor = std::function<void(int64_t, const std::function<void(int64_t)>&)>;
+
+enum class ConvIsa { kNone = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// The best instruction set this CPU supports for these kernels (kNone: use another implementation).
+ConvIsa ConvBestIsa();
+
+// y = conv(x, w) as above. `isa` must not exceed ConvBestIsa(). Scratch: packed weights (kh*kw*ci*co
+// floats, rounded up to 64 output channels).
+void ConvForwardCpu(const ConvParams& p, const float* x, const float* w, float* y, ConvIsa isa,
+                    const ParallelFor& parallel_for);
+
+// dw = kernel gradient as above (dw is overwritten).
+void ConvKernelGradCpu(const ConvParams& p, const float* x, const float* dy, float* dw, ConvIsa isa,
+                       const ParallelFor& parallel_for);
+
+namespace conv_detail {
+
+// Width of a packed weight panel (output channels) and the forward micro-tile height (output pixels).
+constexpr int kPanel = 64;
+constexpr int kMr = 6;
+
+// One forward micro-tile: up to kMr output pixels x one panel (nvec16 x 16 output channels).
+//   a[t * kMr + m]  row pointer (ci contiguous floats) of pixel m for tap t, t in [0, ntaps)
+//   b               packed panel: b[(t * ci_stride + c) * kPanel + n], c in [0, nci)
+//   c               output rows, row stride ldc; accumulate: add to c instead of overwriting
+struct FwdTile {
+  const float* const* a;
+  int ntaps;
+  int64_t c0, nci, ci_stride;
+  const float* b;
+  float* c;
+  int64_t ldc;
+  int mr, nvec16;
+  bool accumulate;
+};
+
+// A run of pixels of the kernel gradient: x rows x0 + k * xstride and dy rows dy0 + k * dystride,
+// k in [0, n) (one output row's pixels that read valid input for one tap).
+struct GradRun {
+  const float* x0;
+  int64_t xstride;
+  const float* dy0;
+  int64_t dystride;
+  int64_t n;
+};
+
+void FwdTileAvx512(const FwdTile& t);
+void FwdTileAvx2(const FwdTile& t);
+// One kernel-gradient micro-tile: acc[m][n] (row stride kPanel) += sum over the runs' pixels of
+// x_row[xoff + m] * dy_row[dyoff + n], m < mr <= kMr input channels, n < nvec16 * 16 output channels.
+void GradTileAvx512(const GradRun* runs, int nruns, int64_t xoff, int64_t dyoff, int mr, int nvec16, float* acc);
+void GradTileAvx2(const GradRun* runs, int nruns, int64_t xoff, int64_t dyoff, int mr, int nvec16, float* acc);
+
+}  // namespace conv_detail
+}  // namespace tsjax

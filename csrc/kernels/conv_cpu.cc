@@ -1,0 +1,206 @@
+// Drivers of the direct convolution (kernels/conv.h): weight packing, pixel -> row-pointer indirection,
+// cache blocking and the split into work items; the arithmetic is in conv_cpu_avx512.cc / _avx2.cc.
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "kernels/conv.h"
+
+namespace tsjax {
+namespace {
+
+using conv_detail::FwdTile;
+using conv_detail::GradRun;
+using conv_detail::kMr;
+using conv_detail::kPanel;
+
+// Forward: a work item is kMc output pixels x one 64-channel panel; its K loop (taps x input channels)
+// runs in blocks of about kKc so that the packed weight block (kKc x 64 floats, 256 KiB) stays in L2.
+constexpr int64_t kMc = 16 * kMr;
+constexpr int64_t kKc = 1024;
+// Kernel gradient: a work item is one tap x kCiBlock input channels x one panel; its pixels are summed
+// in chunks of about kPixChunk so that the chunk's x and dy rows stay in L2 across the kCiBlock / kMr
+// micro-tiles.
+constexpr int64_t kCiBlock = 16 * kMr;
+constexpr int64_t kPixChunk = 512;
+
+struct AlignedFree {
+  void operator()(float* p) const { std::free(p); }
+};
+using AlignedBuf = std::unique_ptr<float[], AlignedFree>;
+
+AlignedBuf Alloc(int64_t n) {
+  const size_t bytes = ((static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(float)) + 63) / 64 * 64;
+  return AlignedBuf(static_cast<float*>(std::aligned_alloc(64, bytes)));
+}
+
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Smallest k >= 0 with k * s + off >= 0, and one past the largest k with k * s + off < lim, clamped to
+// [0, n): the range of output positions whose input position k * s + off lies inside [0, lim).
+void ValidRange(int64_t off, int64_t s, int64_t lim, int64_t n, int64_t* lo, int64_t* hi) {
+  int64_t a = off >= 0 ? 0 : CeilDiv(-off, s);
+  int64_t b = lim - 1 - off < 0 ? 0 : (lim - 1 - off) / s + 1;
+  *lo = std::min(a, n);
+  *hi = std::max(*lo, std::min(b, n));
+}
+
+struct KBlock {
+  int t0, nt;
+  int64_t c0, nc;
+};
+
+std::vector<KBlock> KBlocks(int64_t taps, int64_t ci) {
+  std::vector<KBlock> kb;
+  if (ci >= kKc) {
+    for (int t = 0; t < taps; ++t)
+      for (int64_t c0 = 0; c0 < ci; c0 += kKc) kb.push_back({t, 1, c0, std::min(kKc, ci - c0)});
+  } else {
+    const int per = static_cast<int>(std::max<int64_t>(1, kKc / ci));
+    for (int t = 0; t < taps; t += per) kb.push_back({t, static_cast<int>(std::min<int64_t>(per, taps - t)), 0, ci});
+  }
+  return kb;
+}
+
+}  // namespace
+
+ConvIsa ConvBestIsa() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const ConvIsa best = [] {
+    ConvIsa isa = ConvIsa::kNone;
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) isa = ConvIsa::kAvx2;
+    if (__builtin_cpu_supports("avx512f")) isa = ConvIsa::kAvx512;
+    return isa;
+  }();
+  return best;
+#else
+  return ConvIsa::kNone;
+#endif
+}
+
+void ConvForwardCpu(const ConvParams& p, const float* x, const float* w, float* y, ConvIsa isa,
+                    const ParallelFor& parallel_for) {
+  const int64_t taps = p.kh * p.kw, m_total = p.batch * p.ho * p.wo;
+  const int64_t npan = CeilDiv(p.co, kPanel);
+  // Packed weights: panel-major, packed[pn][t][c][0:64] = w[t][c][pn * 64 + n] (zero past co).
+  AlignedBuf packed = Alloc(npan * taps * p.ci * kPanel);
+  parallel_for(npan, [&](int64_t pn) {
+    const int64_t n0 = pn * kPanel, nn = std::min<int64_t>(kPanel, p.co - n0);
+    float* dst = packed.get() + pn * taps * p.ci * kPanel;
+    for (int64_t tc = 0; tc < taps * p.ci; ++tc, dst += kPanel) {
+      std::memcpy(dst, w + tc * p.co + n0, nn * sizeof(float));
+      std::memset(dst + nn, 0, (kPanel - nn) * sizeof(float));
+    }
+  });
+  AlignedBuf zeros = Alloc(p.ci);
+  std::memset(zeros.get(), 0, p.ci * sizeof(float));
+  const std::vector<KBlock> kblocks = KBlocks(taps, p.ci);
+  auto tile_fn = isa == ConvIsa::kAvx512 ? conv_detail::FwdTileAvx512 : conv_detail::FwdTileAvx2;
+
+  const int64_t nchunks = CeilDiv(m_total, kMc);
+  parallel_for(nchunks * npan, [&](int64_t item) {
+    const int64_t chunk = item / npan, pn = item % npan;
+    const int64_t m0 = chunk * kMc, mc = std::min(kMc, m_total - m0);
+    const int64_t ntiles = CeilDiv(mc, kMr);
+    // Row pointers ptr[tile][t][m]: x row of pixel m0 + tile * kMr + m for tap t, or the zero row.
+    std::vector<const float*> ptr(ntiles * taps * kMr, zeros.get());
+    for (int64_t k = 0; k < mc; ++k) {
+      const int64_t m = m0 + k, b = m / (p.ho * p.wo), r = m % (p.ho * p.wo), ho = r / p.wo, wo = r % p.wo;
+      const float** row = ptr.data() + (k / kMr) * taps * kMr + (k % kMr);
+      for (int64_t i = 0; i < p.kh; ++i) {
+        const int64_t hi = ho * p.sh + i - p.ph;
+        if (hi < 0 || hi >= p.h) continue;
+        for (int64_t j = 0; j < p.kw; ++j) {
+          const int64_t wi = wo * p.sw + j - p.pw;
+          if (wi >= 0 && wi < p.w) row[(i * p.kw + j) * kMr] = x + ((b * p.h + hi) * p.w + wi) * p.ci;
+        }
+      }
+    }
+    const int64_t n0 = pn * kPanel;
+    const int nvec16 = static_cast<int>(std::min<int64_t>(kPanel, p.co - n0) / 16);
+    const float* panel = packed.get() + pn * taps * p.ci * kPanel;
+    for (size_t q = 0; q < kblocks.size(); ++q) {
+      const KBlock& kb = kblocks[q];
+      for (int64_t tile = 0; tile < ntiles; ++tile) {
+        FwdTile t;
+        t.a = ptr.data() + (tile * taps + kb.t0) * kMr;
+        t.ntaps = kb.nt;
+        t.c0 = kb.c0;
+        t.nci = kb.nc;
+        t.ci_stride = p.ci;
+        t.b = panel + (kb.t0 * p.ci + kb.c0) * kPanel;
+        t.c = y + (m0 + tile * kMr) * p.co + n0;
+        t.ldc = p.co;
+        t.mr = static_cast<int>(std::min<int64_t>(kMr, mc - tile * kMr));
+        t.nvec16 = nvec16;
+        t.accumulate = q > 0;
+        tile_fn(t);
+      }
+    }
+  });
+}
+
+void ConvKernelGradCpu(const ConvParams& p, const float* x, const float* dy, float* dw, ConvIsa isa,
+                       const ParallelFor& parallel_for) {
+  const int64_t taps = p.kh * p.kw;
+  const int64_t npan = CeilDiv(p.co, kPanel), ncib = CeilDiv(p.ci, kCiBlock);
+  auto tile_fn = isa == ConvIsa::kAvx512 ? conv_detail::GradTileAvx512 : conv_detail::GradTileAvx2;
+  parallel_for(taps * ncib * npan, [&](int64_t item) {
+    const int64_t t = item / (ncib * npan), cib = (item / npan) % ncib, pn = item % npan;
+    const int64_t i = t / p.kw, j = t % p.kw;
+    const int64_t ci0 = cib * kCiBlock, nci = std::min(kCiBlock, p.ci - ci0);
+    const int64_t n0 = pn * kPanel;
+    const int nvec16 = static_cast<int>(std::min<int64_t>(kPanel, p.co - n0) / 16);
+    // Runs: per output row, the output pixels whose input pixel for tap (i, j) is inside the image.
+    int64_t wlo, whi;
+    ValidRange(j - p.pw, p.sw, p.w, p.wo, &wlo, &whi);
+    std::vector<GradRun> runs;
+    std::vector<size_t> chunk_end;  // runs are summed in chunks of about kPixChunk pixels
+    int64_t in_chunk = 0;
+    if (whi > wlo) {
+      for (int64_t b = 0; b < p.batch; ++b) {
+        for (int64_t ho = 0; ho < p.ho; ++ho) {
+          const int64_t hi = ho * p.sh + i - p.ph;
+          if (hi < 0 || hi >= p.h) continue;
+          for (int64_t s = wlo; s < whi; s += kPixChunk) {
+            GradRun r;
+            r.n = std::min(kPixChunk, whi - s);
+            r.x0 = x + ((b * p.h + hi) * p.w + s * p.sw + j - p.pw) * p.ci;
+            r.xstride = p.sw * p.ci;
+            r.dy0 = dy + ((b * p.ho + ho) * p.wo + s) * p.co;
+            r.dystride = p.co;
+            if (in_chunk + r.n > kPixChunk && in_chunk > 0) {
+              chunk_end.push_back(runs.size());
+              in_chunk = 0;
+            }
+            runs.push_back(r);
+            in_chunk += r.n;
+          }
+        }
+      }
+    }
+    chunk_end.push_back(runs.size());
+    const int64_t nsub = CeilDiv(nci, kMr);
+    AlignedBuf acc = Alloc(nsub * kMr * kPanel);
+    std::memset(acc.get(), 0, nsub * kMr * kPanel * sizeof(float));
+    size_t r0 = 0;
+    for (size_t r1 : chunk_end) {
+      if (r1 > r0) {
+        for (int64_t s = 0; s < nsub; ++s) {
+          const int mr = static_cast<int>(std::min<int64_t>(kMr, nci - s * kMr));
+          tile_fn(runs.data() + r0, static_cast<int>(r1 - r0), ci0 + s * kMr, n0, mr, nvec16,
+                  acc.get() + s * kMr * kPanel);
+        }
+      }
+      r0 = r1;
+    }
+    const int64_t ncols = nvec16 * 16;
+    for (int64_t c = 0; c < nci; ++c)
+      std::memcpy(dw + (t * p.ci + ci0 + c) * p.co + n0, acc.get() + c * kPanel, ncols * sizeof(float));
+  });
+}
+
+}  // namespace tsjax

@@ -1,0 +1,134 @@
+"""Native CPU convolution (tsjax.ops.conv): values and both gradients against a float64 reference and
+XLA's convolution, finite differences, both instruction sets, thread-count invariance, vmap, and the
+routing of ``tsjax.diffusion.layers.conv``."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from tsjax.ops import _ffi
+from tsjax.ops import conv as C
+
+pytestmark = pytest.mark.skipif(not C.native_available(),
+                                reason="native conv kernels not built or this CPU lacks AVX2+FMA")
+
+# (B, H, W, Cin, Cout, k, stride, padding): 3x3 "same", odd sizes, stride 2 with symmetric and VAE-style
+# (0, 1) padding, Cin = 3 (input gradient through XLA), 1x1, partial 64-channel panels (80), many pixels
+# (several 96-pixel chunks with a remainder), Cin > 1024 (K split inside a tap), a row longer than the
+# 512-pixel gradient chunk, and asymmetric padding.
+CASES = [
+    (2, 8, 8, 16, 16, 3, 1, ((1, 1), (1, 1))),
+    (2, 9, 7, 20, 32, 3, 1, ((1, 1), (1, 1))),
+    (1, 12, 12, 32, 48, 3, 2, ((1, 1), (1, 1))),
+    (1, 13, 12, 32, 48, 3, 2, ((0, 1), (0, 1))),
+    (2, 5, 5, 3, 16, 3, 1, ((1, 1), (1, 1))),
+    (2, 6, 6, 64, 80, 1, 1, ((0, 0), (0, 0))),
+    (1, 21, 19, 96, 128, 3, 1, ((1, 1), (1, 1))),
+    (1, 4, 4, 1100, 16, 3, 1, ((1, 1), (1, 1))),
+    (1, 3, 600, 16, 16, 3, 1, ((1, 1), (1, 1))),
+    (1, 7, 9, 16, 32, 3, 1, ((2, 0), (0, 2))),
+]
+
+
+def _ref(x, w, stride, padding):
+    """float64 loop-free reference: y, and (dx, dw) for the cotangent ``ct``."""
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    f = lambda a, b: jax.lax.conv_general_dilated(a, b, stride, padding, dimension_numbers=C._DN,
+                                                  precision="highest")
+    with jax.enable_x64():
+        y, vjp = jax.vjp(f, jnp.asarray(x64), jnp.asarray(w64))
+        return y, vjp
+
+
+def _operands(case, seed=0):
+    b, h, w_, ci, co, k, s, pad = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((b, h, w_, ci)).astype(np.float32)
+    w = (rng.standard_normal((k, k, ci, co)) / np.sqrt(k * k * ci)).astype(np.float32)
+    return x, w, (s, s), pad
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}x{c[1]}x{c[2]}x{c[3]}-{c[4]}-k{c[5]}s{c[6]}" for c in CASES])
+def test_native_conv_matches_float64_reference(case):
+    x, w, stride, pad = _operands(case)
+    native = jax.jit(lambda x, w: C.conv2d(x, w, stride, pad))
+    y = native(x, w)
+    y64, vjp64 = _ref(x, w, stride, pad)
+    ct = np.random.default_rng(1).standard_normal(y.shape).astype(np.float32)
+    dx, dw = jax.jit(lambda x, w, ct: jax.vjp(lambda a, b: C.conv2d(a, b, stride, pad), x, w)[1](ct))(x, w, ct)
+    with jax.enable_x64():
+        dx64, dw64 = vjp64(jnp.asarray(ct, jnp.float64))
+    xla = jax.vjp(lambda a, b: C._xla_conv(a, b, stride, pad), x, w)
+    xdx, xdw = xla[1](ct)
+    assert y.shape == y64.shape and dx.shape == x.shape and dw.shape == w.shape and dw.dtype == jnp.float32
+    for got, xla_got, want in ((y, xla[0], y64), (dx, xdx, dx64), (dw, xdw, dw64)):
+        want = np.asarray(want)
+        scale = np.abs(want).max()
+        err = np.abs(np.asarray(got, np.float64) - want).max() / scale
+        xla_err = np.abs(np.asarray(xla_got, np.float64) - want).max() / scale
+        # float32 sums of up to 9 * 1100 products: ~1e-6 of the output scale; XLA's own error is of the
+        # same size (its summation order differs)
+        assert err < 4e-6 and err < 4 * xla_err + 1e-6, (err, xla_err)
+
+
+def test_native_conv_finite_differences():
+    x, w, stride, pad = _operands((1, 5, 6, 16, 16, 3, 1, ((1, 1), (1, 1))), seed=3)
+    check_grads(lambda x, w: C.conv2d(x, w, stride, pad), (x, w), order=1, modes=("rev",), atol=2e-2, rtol=2e-2)
+    x, w, stride, pad = _operands((1, 7, 7, 16, 32, 3, 2, ((0, 1), (0, 1))), seed=4)
+    check_grads(lambda x, w: C.conv2d(x, w, stride, pad), (x, w), order=1, modes=("rev",), atol=2e-2, rtol=2e-2)
+
+
+def _fwd_and_grads(x, w, stride, pad):
+    f = jax.jit(lambda x, w: jax.value_and_grad(lambda a, b: jnp.sum(jnp.sin(C.conv2d(a, b, stride, pad))),
+                                                argnums=(0, 1))(x, w))
+    (v, (dx, dw)) = f(x, w)
+    return np.asarray(v), np.asarray(dx), np.asarray(dw)
+
+
+def test_native_conv_is_independent_of_threads_and_isa(monkeypatch):
+    """Every output element is summed in one fixed order: 1 thread, the pool's threads, AVX2 and AVX-512
+    give bit-identical results."""
+    x, w, stride, pad = _operands((2, 30, 17, 48, 96, 3, 1, ((1, 1), (1, 1))), seed=5)
+    base = _fwd_and_grads(x, w, stride, pad)
+    runs = [("TSJAX_CONV_THREADS", "1")]
+    if _ffi.conv_isa() >= 2:
+        runs.append(("TSJAX_CONV_ISA", "avx2"))
+    for key, value in runs:
+        monkeypatch.setenv(key, value)
+        other = _fwd_and_grads(x, w, stride, pad)  # the kernels read the variables at every call
+        monkeypatch.delenv(key)
+        for a, b in zip(base, other):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_native_conv_under_vmap():
+    x, w, stride, pad = _operands((3, 6, 6, 16, 32, 3, 1, ((1, 1), (1, 1))), seed=6)
+    ws = np.stack([w, 2 * w, -w])
+    xs = x[:, None]  # three single-image batches, each with its own kernel
+    f = lambda a, b: C.conv2d(a, b, stride, pad)
+    got = jax.jit(jax.vmap(f))(xs, ws)
+    want = np.stack([np.asarray(C._xla_conv(xs[i], ws[i], stride, pad)) for i in range(3)])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    g = jax.jit(jax.grad(lambda b: jnp.sum(jax.vmap(f, in_axes=(0, None))(xs, b) ** 2)))(w)
+    gw = jax.grad(lambda b: jnp.sum(C._xla_conv(x, b, stride, pad) ** 2))(w)
+    np.testing.assert_allclose(g, gw, rtol=1e-4, atol=1e-4 * float(np.abs(gw).max()))
+
+
+def test_layers_conv_routes_to_native_kernels(monkeypatch):
+    from tsjax.diffusion import layers
+
+    def hlo(features, shape, dtype=jnp.float32, stride=1):
+        m = layers.conv(features, 3, "c", dtype, stride=stride)
+        x = jnp.zeros(shape, dtype)
+        p = m.init(jax.random.key(0), x)
+        return jax.jit(jax.grad(lambda p, x: jnp.sum(m.apply(p, x).astype(jnp.float32)), argnums=(0, 1))).lower(
+            p, x).as_text()
+
+    text = hlo(32, (1, 8, 8, 16))
+    assert "tsjax_conv_forward" in text and "tsjax_conv_kernel_grad" in text
+    assert "tsjax_conv_kernel_grad" in hlo(32, (1, 8, 8, 16), stride=2)  # (the sum needs no forward value)
+    assert "tsjax_conv" not in hlo(4, (1, 8, 8, 16))                   # Cout not a multiple of 16
+    assert "tsjax_conv" not in hlo(32, (1, 8, 8, 16), jnp.bfloat16)    # float32 only
+    monkeypatch.setenv("TSJAX_NATIVE_CONV", "0")
+    assert "tsjax_conv" not in hlo(32, (1, 8, 8, 16))

@@ -1,0 +1,116 @@
+"""2-D convolution (NHWC x HWIO) that runs tsjax's native kernels on the CPU.
+
+XLA:CPU computes a convolution's forward at about oneDNN's (PyTorch's) speed, but its gradients, above
+all the kernel gradient of a 3x3 conv on a large map, 1.5-3x slower (bench/README.md, "Native CPU
+convolution"). :func:`conv2d` has the semantics of ``lax.conv_general_dilated`` with NHWC / HWIO /
+NHWC dimension numbers, no dilation and one feature group, and on the CPU runs all three parts as XLA
+FFI calls into ``csrc/kernels/conv_cpu*.cc`` (AVX-512F or AVX2+FMA, chosen at run time):
+
+* forward ``y = conv(x, w)``: an indirect GEMM that reads the rows of ``x`` in place (no im2col);
+* input gradient (stride 1): the forward of ``dy`` with the spatially flipped, in/out-transposed kernel
+  and padding ``k - 1 - p`` (other strides, or a ``Cin`` that is not a multiple of 16: XLA's);
+* kernel gradient: ``dw[i, j] = sum over pixels of x[shifted]^T dy``, per tap, in the same kernels.
+
+float32 only, float32 accumulation; results do not depend on the thread count. On other platforms
+(GPU: cuDNN) ``lax.platform_dependent`` selects ``lax.conv_general_dilated`` and its own gradients.
+Under ``vmap`` the native calls run once per mapped element.
+
+``TSJAX_NATIVE_CONV=0`` (read when a function is traced) turns the native path off;
+``TSJAX_CONV_THREADS`` / ``TSJAX_CONV_ISA`` are read by the kernels (csrc/ffi/conv_cpu_ffi.cc).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["conv2d", "native_available", "native_eligible"]
+
+Padding = tuple[tuple[int, int], tuple[int, int]]
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def native_available() -> bool:
+    """True when the native CPU kernels are built and usable on this CPU and not turned off
+    (``TSJAX_NATIVE_CONV=0``). Says nothing about the default backend: :func:`conv2d` uses them only
+    in programs compiled for the CPU."""
+    if os.environ.get("TSJAX_NATIVE_CONV", "1") == "0":
+        return False
+    from tsjax.ops import _ffi
+
+    return _ffi.conv_isa() > 0
+
+
+def native_eligible(x_shape, w_shape, x_dtype, w_dtype) -> bool:
+    """Whether :func:`conv2d` takes the native path for these operands: float32, rank-4, output
+    channels a multiple of 16, and the kernels available."""
+    return (len(x_shape) == 4 and len(w_shape) == 4 and w_shape[3] % 16 == 0 and x_shape[3] == w_shape[2]
+            and jnp.dtype(x_dtype) == jnp.float32 and jnp.dtype(w_dtype) == jnp.float32 and native_available())
+
+
+def _xla_conv(x, w, stride, padding):
+    return jax.lax.conv_general_dilated(x, w, stride, padding, dimension_numbers=_DN)
+
+
+def _out_hw(x_shape, w_shape, stride, padding):
+    return tuple((x_shape[1 + a] + padding[a][0] + padding[a][1] - w_shape[a]) // stride[a] + 1 for a in range(2))
+
+
+def _native_forward(x, w, stride, padding, out_hw=None):
+    """The forward call; ``out_hw`` (default: from ``padding``) sets the trailing padding implicitly."""
+    ho, wo = out_hw or _out_hw(x.shape, w.shape, stride, padding)
+    out = jax.ShapeDtypeStruct((x.shape[0], ho, wo, w.shape[3]), jnp.float32)
+    return jax.ffi.ffi_call("tsjax_conv_forward", out, vmap_method="sequential")(
+        x, w, sh=stride[0], sw=stride[1], ph=padding[0][0], pw=padding[1][0])
+
+
+def _native_kernel_grad(x, dy, w_shape, stride, padding):
+    out = jax.ShapeDtypeStruct(tuple(w_shape), jnp.float32)
+    return jax.ffi.ffi_call("tsjax_conv_kernel_grad", out, vmap_method="sequential")(
+        x, dy, sh=stride[0], sw=stride[1], ph=padding[0][0], pw=padding[1][0])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _native_conv(x, w, stride, padding):
+    return _native_forward(x, w, stride, padding)
+
+
+def _native_conv_fwd(x, w, stride, padding):
+    return _native_forward(x, w, stride, padding), (x, w)
+
+
+def _native_conv_bwd(stride, padding, res, dy):
+    x, w = res
+    kh, kw, ci, _ = w.shape
+    if stride == (1, 1) and ci % 16 == 0:
+        wt = w[::-1, ::-1].transpose(0, 1, 3, 2)
+        back = ((kh - 1 - padding[0][0], 0), (kw - 1 - padding[1][0], 0))  # trailing: from out_hw
+        dx = _native_forward(dy, wt, (1, 1), back, out_hw=x.shape[1:3])
+    else:
+        dx = jax.vjp(lambda x_: _xla_conv(x_, w, stride, padding), x)[1](dy)[0]
+    return dx, _native_kernel_grad(x, dy, w.shape, stride, padding)
+
+
+_native_conv.defvjp(_native_conv_fwd, _native_conv_bwd)
+
+
+def conv2d(x: jax.Array, w: jax.Array, stride: tuple[int, int] = (1, 1),
+           padding: Padding = ((1, 1), (1, 1))) -> jax.Array:
+    """``lax.conv_general_dilated(x, w, stride, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))``.
+
+    Args:
+      x: ``[B, H, W, Cin]`` float32; w: ``[KH, KW, Cin, Cout]`` float32, ``Cout`` a multiple of 16 (see
+        :func:`native_eligible`; other operands go to XLA's convolution unchanged).
+      stride: ``(sh, sw)``; padding: ``((top, bottom), (left, right))``, each >= 0.
+    Returns ``[B, Ho, Wo, Cout]`` float32, ``Ho = (H + top + bottom - KH) // sh + 1`` (likewise ``Wo``).
+    Differentiable in ``x`` and ``w``.
+    """
+    stride = tuple(int(s) for s in stride)
+    padding = tuple((int(a), int(b)) for a, b in padding)
+    if min(min(p) for p in padding) < 0 or not native_eligible(x.shape, w.shape, x.dtype, w.dtype):
+        return _xla_conv(x, w, stride, padding)
+    return jax.lax.platform_dependent(
+        x, w, cpu=lambda x_, w_: _native_conv(x_, w_, stride, padding),
+        default=lambda x_, w_: _xla_conv(x_, w_, stride, padding))
