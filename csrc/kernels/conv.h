@@ -15,12 +15,14 @@
 // the thread count: every output element is owned by one work item and summed in a fixed order.
 //
 // Instruction sets: AVX-512F (16-wide) or AVX2+FMA (8-wide) micro-kernels, chosen at run time from the
-// CPU's features (ConvIsa). The caller provides the parallel loop (XLA's intra-op pool in the FFI
+// CPU's features (kernels/cpu_isa.h). The caller provides the parallel loop (XLA's intra-op pool in the FFI
 // handler, plain threads in tests).
 #pragma once
 
 #include <cstdint>
-#include <functional>
+
+#include "kernels/cpu_isa.h"
+#include "kernels/parallel.h"
 
 namespace tsjax {
 
@@ -30,25 +32,25 @@ struct ConvParams {
   int64_t kh, kw;            // kernel [kh, kw, ci, co]
   int64_t sh, sw;            // strides
   int64_t ph, pw;            // leading (top / left) padding; trailing padding follows from ho / wo
+  // false: w is [kh, kw, ci, co]. true: w is [kh, kw, co, ci], the kernel of the transposed conv, used
+  // flipped: this conv's w[i][j][c][o] is w[kh-1-i][kw-1-j][o][c] (the input gradient of a stride-1 conv
+  // is the forward of dy with the original kernel read this way).
+  bool flip = false;
 };
 
-// ParallelFor(n, fn): call fn(i) once for every i in [0, n), possibly concurrently, and return when all
-// calls have returned.
-using ParallelFor = std::function<void(int64_t, const std::function<void(int64_t)>&)>;
-
-enum class ConvIsa { kNone = 0, kAvx2 = 1, kAvx512 = 2 };
-
-// The best instruction set this CPU supports for these kernels (kNone: use another implementation).
-ConvIsa ConvBestIsa();
-
-// y = conv(x, w) as above. `isa` must not exceed ConvBestIsa(). Scratch: packed weights (kh*kw*ci*co
+// y = conv(x, w) as above. `isa` must not exceed CpuBestIsa(). Scratch: packed weights (kh*kw*ci*co
 // floats, rounded up to 64 output channels).
-void ConvForwardCpu(const ConvParams& p, const float* x, const float* w, float* y, ConvIsa isa,
+void ConvForwardCpu(const ConvParams& p, const float* x, const float* w, float* y, CpuIsa isa,
                     const ParallelFor& parallel_for);
 
 // dw = kernel gradient as above (dw is overwritten).
-void ConvKernelGradCpu(const ConvParams& p, const float* x, const float* dy, float* dw, ConvIsa isa,
+void ConvKernelGradCpu(const ConvParams& p, const float* x, const float* dy, float* dw, CpuIsa isa,
                        const ParallelFor& parallel_for);
+
+// y = conv(x, w) for bfloat16 x and w (raw bf16 bits), stride 1, on AMX tiles (conv_cpu_amx.cc); y is
+// bf16 (y_bf16) or float32; float32 accumulation. Call only when CpuAmxBf16().
+void ConvForwardBf16Amx(const ConvParams& p, const uint16_t* x, const uint16_t* w, void* y, bool y_bf16,
+                        const ParallelFor& parallel_for);
 
 namespace conv_detail {
 
@@ -58,13 +60,14 @@ constexpr int kMr = 6;
 
 // One forward micro-tile: up to kMr output pixels x one panel (nvec16 x 16 output channels).
 //   a[t * kMr + m]  row pointer (ci contiguous floats) of pixel m for tap t, t in [0, ntaps)
-//   b               packed panel: b[(t * ci_stride + c) * kPanel + n], c in [0, nci)
+//   b               weights: b[t * tap_stride + c * ldb + n], c in [0, nci), n < nvec16 * 16
 //   c               output rows, row stride ldc; accumulate: add to c instead of overwriting
 struct FwdTile {
   const float* const* a;
   int ntaps;
-  int64_t c0, nci, ci_stride;
+  int64_t c0, nci;
   const float* b;
+  int64_t tap_stride, ldb;
   float* c;
   int64_t ldc;
   int mr, nvec16;

@@ -66,39 +66,32 @@ std::vector<KBlock> KBlocks(int64_t taps, int64_t ci) {
 
 }  // namespace
 
-ConvIsa ConvBestIsa() {
-#if defined(__x86_64__) || defined(__i386__)
-  static const ConvIsa best = [] {
-    ConvIsa isa = ConvIsa::kNone;
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) isa = ConvIsa::kAvx2;
-    if (__builtin_cpu_supports("avx512f")) isa = ConvIsa::kAvx512;
-    return isa;
-  }();
-  return best;
-#else
-  return ConvIsa::kNone;
-#endif
-}
-
-void ConvForwardCpu(const ConvParams& p, const float* x, const float* w, float* y, ConvIsa isa,
+void ConvForwardCpu(const ConvParams& p, const float* x, const float* w, float* y, CpuIsa isa,
                     const ParallelFor& parallel_for) {
   const int64_t taps = p.kh * p.kw, m_total = p.batch * p.ho * p.wo;
   const int64_t npan = CeilDiv(p.co, kPanel);
-  // Packed weights: panel-major, packed[pn][t][c][0:64] = w[t][c][pn * 64 + n] (zero past co).
-  AlignedBuf packed = Alloc(npan * taps * p.ci * kPanel);
-  parallel_for(npan, [&](int64_t pn) {
-    const int64_t n0 = pn * kPanel, nn = std::min<int64_t>(kPanel, p.co - n0);
-    float* dst = packed.get() + pn * taps * p.ci * kPanel;
-    for (int64_t tc = 0; tc < taps * p.ci; ++tc, dst += kPanel) {
-      std::memcpy(dst, w + tc * p.co + n0, nn * sizeof(float));
-      std::memset(dst + nn, 0, (kPanel - nn) * sizeof(float));
-    }
-  });
+  // Weights: read in place ([t][c][co] rows) or, for a flipped kernel, transposed into panels
+  // packed[pn][t][c][0:64] = w[taps-1-t][pn * 64 + n][c] (zero past co).
+  AlignedBuf packed;
+  if (p.flip) {
+    packed = Alloc(npan * taps * p.ci * kPanel);
+    parallel_for(npan * taps, [&](int64_t pt) {
+      const int64_t pn = pt / taps, t = pt % taps, n0 = pn * kPanel, nn = std::min<int64_t>(kPanel, p.co - n0);
+      float* dst = packed.get() + (pn * taps + t) * p.ci * kPanel;
+      const float* src = w + (taps - 1 - t) * p.co * p.ci;
+      for (int64_t c0 = 0; c0 < p.ci; c0 += 16) {  // 16 x 64 blocks: reads of 16-float runs
+        const int64_t cn = std::min<int64_t>(16, p.ci - c0);
+        for (int64_t n = 0; n < kPanel; ++n)
+          for (int64_t c = 0; c < cn; ++c) dst[(c0 + c) * kPanel + n] = n < nn ? src[(n0 + n) * p.ci + c0 + c] : 0.0f;
+      }
+    });
+  }
+  const float* wb = p.flip ? packed.get() : w;
+  const int64_t tap_stride = p.flip ? p.ci * kPanel : p.ci * p.co, ldb = p.flip ? kPanel : p.co;
   AlignedBuf zeros = Alloc(p.ci);
   std::memset(zeros.get(), 0, p.ci * sizeof(float));
   const std::vector<KBlock> kblocks = KBlocks(taps, p.ci);
-  auto tile_fn = isa == ConvIsa::kAvx512 ? conv_detail::FwdTileAvx512 : conv_detail::FwdTileAvx2;
+  auto tile_fn = isa == CpuIsa::kAvx512 ? conv_detail::FwdTileAvx512 : conv_detail::FwdTileAvx2;
 
   const int64_t nchunks = CeilDiv(m_total, kMc);
   parallel_for(nchunks * npan, [&](int64_t item) {
@@ -121,7 +114,7 @@ void ConvForwardCpu(const ConvParams& p, const float* x, const float* w, float* 
     }
     const int64_t n0 = pn * kPanel;
     const int nvec16 = static_cast<int>(std::min<int64_t>(kPanel, p.co - n0) / 16);
-    const float* panel = packed.get() + pn * taps * p.ci * kPanel;
+    const float* panel = p.flip ? wb + pn * taps * p.ci * kPanel : wb + n0;
     for (size_t q = 0; q < kblocks.size(); ++q) {
       const KBlock& kb = kblocks[q];
       for (int64_t tile = 0; tile < ntiles; ++tile) {
@@ -130,8 +123,9 @@ void ConvForwardCpu(const ConvParams& p, const float* x, const float* w, float* 
         t.ntaps = kb.nt;
         t.c0 = kb.c0;
         t.nci = kb.nc;
-        t.ci_stride = p.ci;
-        t.b = panel + (kb.t0 * p.ci + kb.c0) * kPanel;
+        t.b = panel + kb.t0 * tap_stride + kb.c0 * ldb;
+        t.tap_stride = tap_stride;
+        t.ldb = ldb;
         t.c = y + (m0 + tile * kMr) * p.co + n0;
         t.ldc = p.co;
         t.mr = static_cast<int>(std::min<int64_t>(kMr, mc - tile * kMr));
@@ -143,11 +137,11 @@ void ConvForwardCpu(const ConvParams& p, const float* x, const float* w, float* 
   });
 }
 
-void ConvKernelGradCpu(const ConvParams& p, const float* x, const float* dy, float* dw, ConvIsa isa,
+void ConvKernelGradCpu(const ConvParams& p, const float* x, const float* dy, float* dw, CpuIsa isa,
                        const ParallelFor& parallel_for) {
   const int64_t taps = p.kh * p.kw;
   const int64_t npan = CeilDiv(p.co, kPanel), ncib = CeilDiv(p.ci, kCiBlock);
-  auto tile_fn = isa == ConvIsa::kAvx512 ? conv_detail::GradTileAvx512 : conv_detail::GradTileAvx2;
+  auto tile_fn = isa == CpuIsa::kAvx512 ? conv_detail::GradTileAvx512 : conv_detail::GradTileAvx2;
   parallel_for(taps * ncib * npan, [&](int64_t item) {
     const int64_t t = item / (ncib * npan), cib = (item / npan) % ncib, pn = item % npan;
     const int64_t i = t / p.kw, j = t % p.kw;

@@ -25,9 +25,9 @@ void FwdTile16(const FwdTile& t, int g) {
   for (int tap = 0; tap < t.ntaps; ++tap) {
     const float* a[MR];
     for (int m = 0; m < MR; ++m) a[m] = t.a[tap * kMr + m] + t.c0;
-    const float* b = t.b + tap * t.ci_stride * kPanel + 16 * g;
-    for (int64_t k = 0; k < t.nci; ++k, b += kPanel) {
-      const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+    const float* b = t.b + tap * t.tap_stride + 16 * g;
+    for (int64_t k = 0; k < t.nci; ++k, b += t.ldb) {
+      const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
       for (int m = 0; m < MR; ++m) {
         const __m256 av = _mm256_broadcast_ss(a[m] + k);
         acc[m][0] = _mm256_fmadd_ps(av, b0, acc[m][0]);

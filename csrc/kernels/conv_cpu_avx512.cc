@@ -25,10 +25,10 @@ void FwdTileT(const FwdTile& t) {
   for (int tap = 0; tap < t.ntaps; ++tap) {
     const float* a[MR];
     for (int m = 0; m < MR; ++m) a[m] = t.a[tap * kMr + m] + t.c0;
-    const float* b = t.b + tap * t.ci_stride * kPanel;
-    for (int64_t c = 0; c < t.nci; ++c, b += kPanel) {
+    const float* b = t.b + tap * t.tap_stride;
+    for (int64_t c = 0; c < t.nci; ++c, b += t.ldb) {
       __m512 bv[NV];
-      for (int j = 0; j < NV; ++j) bv[j] = _mm512_load_ps(b + 16 * j);
+      for (int j = 0; j < NV; ++j) bv[j] = _mm512_loadu_ps(b + 16 * j);
       for (int m = 0; m < MR; ++m) {
         const __m512 av = _mm512_set1_ps(a[m][c]);
         for (int j = 0; j < NV; ++j) acc[m][j] = _mm512_fmadd_ps(av, bv[j], acc[m][j]);

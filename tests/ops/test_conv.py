@@ -91,9 +91,9 @@ def test_native_conv_is_independent_of_threads_and_isa(monkeypatch):
     give bit-identical results."""
     x, w, stride, pad = _operands((2, 30, 17, 48, 96, 3, 1, ((1, 1), (1, 1))), seed=5)
     base = _fwd_and_grads(x, w, stride, pad)
-    runs = [("TSJAX_CONV_THREADS", "1")]
-    if _ffi.conv_isa() >= 2:
-        runs.append(("TSJAX_CONV_ISA", "avx2"))
+    runs = [("TSJAX_CPU_THREADS", "1")]
+    if _ffi.cpu_isa() >= 2:
+        runs.append(("TSJAX_CPU_ISA", "avx2"))
     for key, value in runs:
         monkeypatch.setenv(key, value)
         other = _fwd_and_grads(x, w, stride, pad)  # the kernels read the variables at every call
@@ -129,6 +129,43 @@ def test_layers_conv_routes_to_native_kernels(monkeypatch):
     assert "tsjax_conv_forward" in text and "tsjax_conv_kernel_grad" in text
     assert "tsjax_conv_kernel_grad" in hlo(32, (1, 8, 8, 16), stride=2)  # (the sum needs no forward value)
     assert "tsjax_conv" not in hlo(4, (1, 8, 8, 16))                   # Cout not a multiple of 16
-    assert "tsjax_conv" not in hlo(32, (1, 8, 8, 16), jnp.bfloat16)    # float32 only
+    bf16 = hlo(32, (1, 8, 8, 16), jnp.bfloat16)                        # bfloat16: AMX where the CPU has it
+    assert ("tsjax_conv_forward_bf16" in bf16) == _ffi.cpu_amx_bf16()
+    assert "tsjax_conv_forward_bf16" not in hlo(32, (1, 8, 8, 16), jnp.bfloat16, stride=2)
     monkeypatch.setenv("TSJAX_NATIVE_CONV", "0")
     assert "tsjax_conv" not in hlo(32, (1, 8, 8, 16))
+
+
+# bfloat16 on AMX tiles: odd Cin (3), Cin not a multiple of 32 (20, 48), a single 16-channel output tile
+# (Cout 16 / 48), flat output positions not a multiple of 32, several images, 1x1 and asymmetric padding
+AMX_CASES = [
+    (2, 8, 8, 16, 16, 3, ((1, 1), (1, 1))),
+    (2, 9, 7, 20, 32, 3, ((1, 1), (1, 1))),
+    (1, 21, 19, 96, 48, 3, ((1, 1), (1, 1))),
+    (2, 6, 6, 64, 80, 1, ((0, 0), (0, 0))),
+    (2, 5, 5, 3, 16, 3, ((1, 1), (1, 1))),
+    (1, 7, 9, 48, 32, 3, ((2, 0), (0, 2))),
+    (3, 16, 16, 64, 64, 3, ((1, 1), (1, 1))),
+]
+
+
+@pytest.mark.skipif(not _ffi.cpu_amx_bf16(), reason="this CPU has no AMX-BF16 (or the OS refused its tile state)")
+@pytest.mark.parametrize("case", AMX_CASES, ids=[f"{c[0]}x{c[1]}x{c[2]}x{c[3]}-{c[4]}-k{c[5]}" for c in AMX_CASES])
+def test_amx_bf16_conv_matches_float32_of_the_same_inputs(case):
+    """bf16 operands, float32 accumulation: the output and both gradients equal the float32 conv of the
+    same (bf16-rounded) inputs up to the final rounding to bf16 (XLA's own bf16 conv: the same bound)."""
+    b, h, w_, ci, co, k, pad = case
+    x, w, stride, _ = _operands((b, h, w_, ci, co, k, 1, pad), seed=11)
+    xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+    f32 = lambda a, b_: C._xla_conv(a.astype(jnp.float32), b_.astype(jnp.float32), (1, 1), pad)
+    y32, vjp32 = jax.vjp(f32, xb, wb)
+    assert "tsjax_conv_forward_bf16" in jax.jit(lambda a, b_: C.conv2d(a, b_, (1, 1), pad)).lower(xb, wb).as_text()
+    y, vjp = jax.vjp(jax.jit(lambda a, b_: C.conv2d(a, b_, (1, 1), pad)), xb, wb)
+    ct = jnp.asarray(np.random.default_rng(12).standard_normal(y.shape), jnp.bfloat16)
+    assert y.dtype == jnp.bfloat16
+    got = (y,) + tuple(vjp(ct))
+    want = (y32,) + tuple(vjp32(ct.astype(jnp.float32)))
+    for g, ww in zip(got, want):
+        assert g.dtype == jnp.bfloat16
+        g, ww = np.asarray(g, np.float32), np.asarray(ww, np.float32)
+        np.testing.assert_allclose(g, ww, atol=2 ** -8 * np.abs(ww).max())  # one bf16 rounding of the result

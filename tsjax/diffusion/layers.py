@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tsjax.ops import attention as native_attention
 from tsjax.ops import conv as native_conv
 
 Dtype = Any
@@ -31,7 +32,7 @@ __all__ = ["ATTENTION_IMPLS", "attention", "timestep_embedding", "group_norm", "
            "FeedForward", "BasicTransformerBlock", "Transformer2D", "ResnetBlock2D", "Downsample2D",
            "Upsample2D", "TimestepEmbedding", "dense", "conv", "config_from_dict"]
 
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum", "chunked")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum", "chunked", "native")
 
 
 def _same_default(v: Any, default: Any) -> bool:
@@ -304,11 +305,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "auto", i
       q: ``[B, N, H, D]``; k, v: ``[B, M, H, D]`` (same dtype).
       impl: ``"xla"`` / ``"cudnn"`` (``jax.nn.dot_product_attention`` with that implementation; both take
         the logits and softmax in float32), ``"einsum"`` (explicit einsums, float32 logits/softmax; the
-        path to read or to use where ``dot_product_attention`` is unavailable), or ``"auto"``: cuDNN flash
-        attention on GPU for bf16/fp16 inputs whose head dim it supports (falling back to XLA if cuDNN
-        rejects the call), ``"chunked"`` on CPU for non-causal attention over more than 256 queries
-        (query blocks of <= 16 rows, float32, custom flash-style backward: ~1.7x faster fwd+bwd than the
-        full-matrix softmax on XLA:CPU), XLA otherwise.
+        path to read or to use where ``dot_product_attention`` is unavailable), ``"native"`` (tsjax's CPU
+        flash-attention kernels, ``tsjax.ops.attention``; float32), or ``"auto"``: cuDNN flash attention
+        on GPU for bf16/fp16 inputs whose head dim it supports (falling back to XLA if cuDNN rejects the
+        call); on CPU for non-causal attention the native kernels where they take the head size
+        (``tsjax.ops.attention.native_eligible``), else ``"chunked"`` over more than 256 queries (query
+        blocks of <= 16 rows, float32, custom flash-style backward: ~1.7x faster fwd+bwd than the
+        full-matrix softmax on XLA:CPU); XLA otherwise.
       is_causal: mask keys after the query position (``N == M``).
     Returns ``[B, N, H, D]`` in ``q.dtype``.
     """
@@ -329,7 +332,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "auto", i
                                                     implementation="cudnn")
             except (NotImplementedError, RuntimeError, ValueError):
                 pass  # shape/version cuDNN does not support: XLA below
-        impl = "chunked" if (jax.default_backend() == "cpu" and not is_causal and q.shape[1] > 256) else "xla"
+        impl = "xla"
+        if jax.default_backend() == "cpu" and not is_causal:
+            impl = "native" if native_attention.native_eligible(q.shape, k.shape) else \
+                "chunked" if q.shape[1] > 256 else "xla"
+    if impl == "native":
+        if is_causal:
+            raise ValueError("attention: impl='native' has no causal mask; use 'xla' or 'einsum'")
+        return native_attention.flash_attention(q, k, v)
     if impl == "chunked":
         if is_causal:
             raise ValueError("attention: impl='chunked' has no causal mask; use 'xla' or 'einsum'")

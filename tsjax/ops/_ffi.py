@@ -19,9 +19,12 @@ _IDS_TARGET = "tsjax_rasterize_ids"  # ids only (CPU); other platforms slice the
 # extra CPU-only targets of libtsjax_cpu.so: (FFI target name, exported symbol)
 _ROWS_TARGETS = ("tsjax_gather_rows", "tsjax_scatter_add_rows")
 _CONV_TARGETS = ("tsjax_conv_forward", "tsjax_conv_kernel_grad")
+_CONV_BF16_TARGET = "tsjax_conv_forward_bf16"
+_ATTENTION_TARGETS = ("tsjax_attention_forward", "tsjax_attention_backward")
 _CPU_EXTRA = ((_ROWS_TARGETS[0], "TsjaxGatherRowsCpu"), (_ROWS_TARGETS[1], "TsjaxScatterAddRowsCpu"),
               (_IDS_TARGET, "TsjaxRasterizeIdsCpu"), (_CONV_TARGETS[0], "TsjaxConvForwardCpu"),
-              (_CONV_TARGETS[1], "TsjaxConvKernelGradCpu"))
+              (_CONV_TARGETS[1], "TsjaxConvKernelGradCpu"), (_ATTENTION_TARGETS[0], "TsjaxAttentionForwardCpu"),
+              (_ATTENTION_TARGETS[1], "TsjaxAttentionBackwardCpu"), (_CONV_BF16_TARGET, "TsjaxConvForwardBf16Cpu"))
 
 
 @functools.cache
@@ -50,8 +53,10 @@ def _load() -> dict[str, bool]:
                 if hasattr(lib, extra):
                     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, extra)), platform="cpu")
                     done[target] = True
-            if hasattr(lib, "TsjaxConvIsa"):
-                done["conv_isa"] = int(lib.TsjaxConvIsa())
+            if hasattr(lib, "TsjaxCpuIsa"):
+                done["cpu_isa"] = int(lib.TsjaxCpuIsa())
+            if hasattr(lib, "TsjaxCpuAmxBf16"):
+                done["cpu_amx_bf16"] = bool(lib.TsjaxCpuAmxBf16())
     return done
 
 
@@ -61,11 +66,20 @@ def rows_available() -> bool:
     return jax.default_backend() == "cpu" and all(_load().get(t, False) for t in _ROWS_TARGETS)
 
 
-def conv_isa() -> int:
-    """Instruction set of the native CPU convolution kernels: 0 = not available (library not built, or a
-    CPU without AVX2+FMA), 1 = AVX2+FMA, 2 = AVX-512F (``TSJAX_CONV_ISA=avx2`` caps it at 1)."""
+def cpu_isa() -> int:
+    """Instruction set of the native CPU convolution and attention kernels: 0 = not available (library not
+    built, or a CPU without AVX2+FMA), 1 = AVX2+FMA (8 floats a vector), 2 = AVX-512F (16)
+    (``TSJAX_CPU_ISA=avx2`` when the library is loaded caps it at 1)."""
     done = _load()
-    return done.get("conv_isa", 0) if all(done.get(t, False) for t in _CONV_TARGETS) else 0
+    return done.get("cpu_isa", 0) if all(done.get(t, False) for t in _CONV_TARGETS + _ATTENTION_TARGETS) else 0
+
+
+def cpu_amx_bf16() -> bool:
+    """True when the bfloat16 convolution on Intel AMX tiles is built and usable: a CPU with AMX-BF16 and
+    AVX512-BF16 whose OS granted the tile state (``TSJAX_CPU_ISA=avx2|avx512`` when the library is loaded
+    turns it off)."""
+    done = _load()
+    return cpu_isa() > 0 and done.get(_CONV_BF16_TARGET, False) and done.get("cpu_amx_bf16", False)
 
 
 def available(platform: str | None = None) -> bool:

@@ -8,15 +8,19 @@ FFI calls into ``csrc/kernels/conv_cpu*.cc`` (AVX-512F or AVX2+FMA, chosen at ru
 
 * forward ``y = conv(x, w)``: an indirect GEMM that reads the rows of ``x`` in place (no im2col);
 * input gradient (stride 1): the forward of ``dy`` with the spatially flipped, in/out-transposed kernel
-  and padding ``k - 1 - p`` (other strides, or a ``Cin`` that is not a multiple of 16: XLA's);
+  and padding ``k - 1 - p``, the kernel read that way by the kernels themselves (other strides, or a
+  ``Cin`` that is not a multiple of 16: XLA's);
 * kernel gradient: ``dw[i, j] = sum over pixels of x[shifted]^T dy``, per tap, in the same kernels.
 
-float32 only, float32 accumulation; results do not depend on the thread count. On other platforms
+float32, float32 accumulation; results do not depend on the thread count. bfloat16 operands of a stride-1
+conv run on Intel AMX tiles where the CPU has them (``_ffi.cpu_amx_bf16``: forward and input gradient
+in bf16 with float32 accumulation, the kernel gradient through the float32 kernel); elsewhere bf16 convs
+are XLA's. On other platforms
 (GPU: cuDNN) ``lax.platform_dependent`` selects ``lax.conv_general_dilated`` and its own gradients.
 Under ``vmap`` the native calls run once per mapped element.
 
 ``TSJAX_NATIVE_CONV=0`` (read when a function is traced) turns the native path off;
-``TSJAX_CONV_THREADS`` / ``TSJAX_CONV_ISA`` are read by the kernels (csrc/ffi/conv_cpu_ffi.cc).
+``TSJAX_CPU_THREADS`` / ``TSJAX_CPU_ISA`` are read by the kernels (csrc/ffi/conv_cpu_ffi.cc).
 """
 from __future__ import annotations
 
@@ -40,14 +44,21 @@ def native_available() -> bool:
         return False
     from tsjax.ops import _ffi
 
-    return _ffi.conv_isa() > 0
+    return _ffi.cpu_isa() > 0
 
 
-def native_eligible(x_shape, w_shape, x_dtype, w_dtype) -> bool:
-    """Whether :func:`conv2d` takes the native path for these operands: float32, rank-4, output
-    channels a multiple of 16, and the kernels available."""
-    return (len(x_shape) == 4 and len(w_shape) == 4 and w_shape[3] % 16 == 0 and x_shape[3] == w_shape[2]
-            and jnp.dtype(x_dtype) == jnp.float32 and jnp.dtype(w_dtype) == jnp.float32 and native_available())
+def native_eligible(x_shape, w_shape, x_dtype, w_dtype, stride=(1, 1)) -> bool:
+    """Whether :func:`conv2d` takes the native path for these operands: rank-4, output channels a
+    multiple of 16, the kernels available, and float32 operands, or bfloat16 operands of a stride-1 conv
+    on a CPU with AMX-BF16."""
+    if not (len(x_shape) == 4 and len(w_shape) == 4 and w_shape[3] % 16 == 0 and x_shape[3] == w_shape[2]
+            and jnp.dtype(x_dtype) == jnp.dtype(w_dtype) and native_available()):
+        return False
+    if jnp.dtype(x_dtype) == jnp.float32:
+        return True
+    from tsjax.ops import _ffi
+
+    return jnp.dtype(x_dtype) == jnp.bfloat16 and tuple(stride) == (1, 1) and _ffi.cpu_amx_bf16()
 
 
 def _xla_conv(x, w, stride, padding):
@@ -58,12 +69,25 @@ def _out_hw(x_shape, w_shape, stride, padding):
     return tuple((x_shape[1 + a] + padding[a][0] + padding[a][1] - w_shape[a]) // stride[a] + 1 for a in range(2))
 
 
-def _native_forward(x, w, stride, padding, out_hw=None):
-    """The forward call; ``out_hw`` (default: from ``padding``) sets the trailing padding implicitly."""
+def _native_forward(x, w, stride, padding, out_hw=None, flip=False):
+    """The forward call; ``out_hw`` (default: from ``padding``) sets the trailing padding implicitly;
+    ``flip``: ``w`` is the ``[KH, KW, Cout, Cin]`` kernel of the transposed conv, used spatially flipped
+    (the input gradient's kernel, without a transposed copy)."""
+    co = w.shape[2] if flip else w.shape[3]
     ho, wo = out_hw or _out_hw(x.shape, w.shape, stride, padding)
-    out = jax.ShapeDtypeStruct((x.shape[0], ho, wo, w.shape[3]), jnp.float32)
+    out = jax.ShapeDtypeStruct((x.shape[0], ho, wo, co), jnp.float32)
     return jax.ffi.ffi_call("tsjax_conv_forward", out, vmap_method="sequential")(
-        x, w, sh=stride[0], sw=stride[1], ph=padding[0][0], pw=padding[1][0])
+        x, w, sh=stride[0], sw=stride[1], ph=padding[0][0], pw=padding[1][0], flip=flip)
+
+
+def _amx_forward(x, w, padding, out_hw=None, flip=False):
+    """bf16 stride-1 forward on AMX tiles (bf16 out, float32 accumulation); arguments as
+    :func:`_native_forward`'s."""
+    co = w.shape[2] if flip else w.shape[3]
+    ho, wo = out_hw or _out_hw(x.shape, w.shape, (1, 1), padding)
+    out = jax.ShapeDtypeStruct((x.shape[0], ho, wo, co), jnp.bfloat16)
+    return jax.ffi.ffi_call("tsjax_conv_forward_bf16", out, vmap_method="sequential")(
+        x, w, ph=padding[0][0], pw=padding[1][0], flip=flip)
 
 
 def _native_kernel_grad(x, dy, w_shape, stride, padding):
@@ -85,15 +109,32 @@ def _native_conv_bwd(stride, padding, res, dy):
     x, w = res
     kh, kw, ci, _ = w.shape
     if stride == (1, 1) and ci % 16 == 0:
-        wt = w[::-1, ::-1].transpose(0, 1, 3, 2)
         back = ((kh - 1 - padding[0][0], 0), (kw - 1 - padding[1][0], 0))  # trailing: from out_hw
-        dx = _native_forward(dy, wt, (1, 1), back, out_hw=x.shape[1:3])
+        forward = _amx_forward if x.dtype == jnp.bfloat16 else functools.partial(_native_forward, stride=(1, 1))
+        dx = forward(dy.astype(x.dtype), w, padding=back, out_hw=x.shape[1:3], flip=True)
     else:
         dx = jax.vjp(lambda x_: _xla_conv(x_, w, stride, padding), x)[1](dy)[0]
-    return dx, _native_kernel_grad(x, dy, w.shape, stride, padding)
+    f32 = jnp.float32
+    return dx, _native_kernel_grad(x.astype(f32), dy.astype(f32), w.shape, stride, padding).astype(w.dtype)
 
 
 _native_conv.defvjp(_native_conv_fwd, _native_conv_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _amx_conv(x, w, padding):
+    return _amx_forward(x, w, padding)
+
+
+def _amx_conv_fwd(x, w, padding):
+    return _amx_forward(x, w, padding), (x, w)
+
+
+def _amx_conv_bwd(padding, res, dy):
+    return _native_conv_bwd((1, 1), padding, res, dy)
+
+
+_amx_conv.defvjp(_amx_conv_fwd, _amx_conv_bwd)
 
 
 def conv2d(x: jax.Array, w: jax.Array, stride: tuple[int, int] = (1, 1),
@@ -101,16 +142,17 @@ def conv2d(x: jax.Array, w: jax.Array, stride: tuple[int, int] = (1, 1),
     """``lax.conv_general_dilated(x, w, stride, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))``.
 
     Args:
-      x: ``[B, H, W, Cin]`` float32; w: ``[KH, KW, Cin, Cout]`` float32, ``Cout`` a multiple of 16 (see
-        :func:`native_eligible`; other operands go to XLA's convolution unchanged).
+      x: ``[B, H, W, Cin]``; w: ``[KH, KW, Cin, Cout]``, both float32 (or both bfloat16: AMX, stride 1),
+        ``Cout`` a multiple of 16 (see :func:`native_eligible`; other operands go to XLA's convolution
+        unchanged).
       stride: ``(sh, sw)``; padding: ``((top, bottom), (left, right))``, each >= 0.
-    Returns ``[B, Ho, Wo, Cout]`` float32, ``Ho = (H + top + bottom - KH) // sh + 1`` (likewise ``Wo``).
-    Differentiable in ``x`` and ``w``.
+    Returns ``[B, Ho, Wo, Cout]`` in the operands' dtype, ``Ho = (H + top + bottom - KH) // sh + 1``
+    (likewise ``Wo``). Differentiable in ``x`` and ``w``.
     """
     stride = tuple(int(s) for s in stride)
     padding = tuple((int(a), int(b)) for a, b in padding)
-    if min(min(p) for p in padding) < 0 or not native_eligible(x.shape, w.shape, x.dtype, w.dtype):
+    if min(min(p) for p in padding) < 0 or not native_eligible(x.shape, w.shape, x.dtype, w.dtype, stride):
         return _xla_conv(x, w, stride, padding)
-    return jax.lax.platform_dependent(
-        x, w, cpu=lambda x_, w_: _native_conv(x_, w_, stride, padding),
-        default=lambda x_, w_: _xla_conv(x_, w_, stride, padding))
+    native = (lambda x_, w_: _amx_conv(x_, w_, padding)) if x.dtype == jnp.bfloat16 else \
+        (lambda x_, w_: _native_conv(x_, w_, stride, padding))
+    return jax.lax.platform_dependent(x, w, cpu=native, default=lambda x_, w_: _xla_conv(x_, w_, stride, padding))
