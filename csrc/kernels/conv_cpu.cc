@@ -20,6 +20,8 @@ using conv_detail::kPanel;
 // runs in blocks of about kKc so that the packed weight block (kKc x 64 floats, 256 KiB) stays in L2.
 constexpr int64_t kMc = 16 * kMr;
 constexpr int64_t kKc = 1024;
+// Output maps of at most this many pixels (all images) are one chunk, each panel packed by its item.
+constexpr int64_t kSmallM = 64 * kMr;
 // Kernel gradient: a work item is one tap x kCiBlock input channels x one panel; its pixels are summed
 // in chunks of about kPixChunk so that the chunk's x and dy rows stay in L2 across the kCiBlock / kMr
 // micro-tiles.
@@ -47,6 +49,28 @@ void ValidRange(int64_t off, int64_t s, int64_t lim, int64_t n, int64_t* lo, int
   *hi = std::max(*lo, std::min(b, n));
 }
 
+// Panel pn of this conv's weights: dst[t][c][0:64] = w'[t][c][pn * 64 + n] (zero past co), where w' is w
+// ([t][c][co] rows) or, for a flipped kernel, w[taps-1-t][co][c] (read in 16 x 64 blocks).
+void PackPanel(const ConvParams& p, const float* w, int64_t pn, float* dst) {
+  const int64_t taps = p.kh * p.kw, n0 = pn * kPanel, nn = std::min<int64_t>(kPanel, p.co - n0);
+  for (int64_t t = 0; t < taps; ++t) {
+    float* d = dst + t * p.ci * kPanel;
+    if (!p.flip) {
+      for (int64_t c = 0; c < p.ci; ++c, d += kPanel) {
+        std::memcpy(d, w + (t * p.ci + c) * p.co + n0, nn * sizeof(float));
+        std::memset(d + nn, 0, (kPanel - nn) * sizeof(float));
+      }
+      continue;
+    }
+    const float* src = w + (taps - 1 - t) * p.co * p.ci;
+    for (int64_t c0 = 0; c0 < p.ci; c0 += 16) {
+      const int64_t cn = std::min<int64_t>(16, p.ci - c0);
+      for (int64_t n = 0; n < kPanel; ++n)
+        for (int64_t c = 0; c < cn; ++c) d[(c0 + c) * kPanel + n] = n < nn ? src[(n0 + n) * p.ci + c0 + c] : 0.0f;
+    }
+  }
+}
+
 struct KBlock {
   int t0, nt;
   int64_t c0, nc;
@@ -69,34 +93,26 @@ std::vector<KBlock> KBlocks(int64_t taps, int64_t ci) {
 void ConvForwardCpu(const ConvParams& p, const float* x, const float* w, float* y, CpuIsa isa,
                     const ParallelFor& parallel_for) {
   const int64_t taps = p.kh * p.kw, m_total = p.batch * p.ho * p.wo;
-  const int64_t npan = CeilDiv(p.co, kPanel);
-  // Weights: read in place ([t][c][co] rows) or, for a flipped kernel, transposed into panels
-  // packed[pn][t][c][0:64] = w[taps-1-t][pn * 64 + n][c] (zero past co).
-  AlignedBuf packed;
-  if (p.flip) {
-    packed = Alloc(npan * taps * p.ci * kPanel);
-    parallel_for(npan * taps, [&](int64_t pt) {
-      const int64_t pn = pt / taps, t = pt % taps, n0 = pn * kPanel, nn = std::min<int64_t>(kPanel, p.co - n0);
-      float* dst = packed.get() + (pn * taps + t) * p.ci * kPanel;
-      const float* src = w + (taps - 1 - t) * p.co * p.ci;
-      for (int64_t c0 = 0; c0 < p.ci; c0 += 16) {  // 16 x 64 blocks: reads of 16-float runs
-        const int64_t cn = std::min<int64_t>(16, p.ci - c0);
-        for (int64_t n = 0; n < kPanel; ++n)
-          for (int64_t c = 0; c < cn; ++c) dst[(c0 + c) * kPanel + n] = n < nn ? src[(n0 + n) * p.ci + c0 + c] : 0.0f;
-      }
-    });
+  const int64_t npan = CeilDiv(p.co, kPanel), panel_size = taps * p.ci * kPanel;
+  // Small maps (all pixels in one chunk): each work item packs its own panel into a per-thread buffer
+  // right before using it (the weights are read once, in parallel, and stay in cache); larger maps share
+  // one packed copy of the weights.
+  const bool per_item = m_total <= kSmallM;
+  const int64_t mchunk = per_item ? m_total : kMc;
+  AlignedBuf shared;
+  if (!per_item) {
+    shared = Alloc(npan * panel_size);
+    parallel_for(npan, [&](int64_t pn) { PackPanel(p, w, pn, shared.get() + pn * panel_size); });
   }
-  const float* wb = p.flip ? packed.get() : w;
-  const int64_t tap_stride = p.flip ? p.ci * kPanel : p.ci * p.co, ldb = p.flip ? kPanel : p.co;
   AlignedBuf zeros = Alloc(p.ci);
   std::memset(zeros.get(), 0, p.ci * sizeof(float));
   const std::vector<KBlock> kblocks = KBlocks(taps, p.ci);
   auto tile_fn = isa == CpuIsa::kAvx512 ? conv_detail::FwdTileAvx512 : conv_detail::FwdTileAvx2;
 
-  const int64_t nchunks = CeilDiv(m_total, kMc);
+  const int64_t nchunks = CeilDiv(m_total, mchunk);
   parallel_for(nchunks * npan, [&](int64_t item) {
     const int64_t chunk = item / npan, pn = item % npan;
-    const int64_t m0 = chunk * kMc, mc = std::min(kMc, m_total - m0);
+    const int64_t m0 = chunk * mchunk, mc = std::min(mchunk, m_total - m0);
     const int64_t ntiles = CeilDiv(mc, kMr);
     // Row pointers ptr[tile][t][m]: x row of pixel m0 + tile * kMr + m for tap t, or the zero row.
     std::vector<const float*> ptr(ntiles * taps * kMr, zeros.get());
@@ -114,7 +130,13 @@ void ConvForwardCpu(const ConvParams& p, const float* x, const float* w, float* 
     }
     const int64_t n0 = pn * kPanel;
     const int nvec16 = static_cast<int>(std::min<int64_t>(kPanel, p.co - n0) / 16);
-    const float* panel = p.flip ? wb + pn * taps * p.ci * kPanel : wb + n0;
+    const float* panel = shared.get() + pn * panel_size;
+    if (per_item) {
+      thread_local std::vector<float> own;
+      if (static_cast<int64_t>(own.size()) < panel_size) own.resize(panel_size);
+      PackPanel(p, w, pn, own.data());
+      panel = own.data();
+    }
     for (size_t q = 0; q < kblocks.size(); ++q) {
       const KBlock& kb = kblocks[q];
       for (int64_t tile = 0; tile < ntiles; ++tile) {
@@ -123,9 +145,9 @@ void ConvForwardCpu(const ConvParams& p, const float* x, const float* w, float* 
         t.ntaps = kb.nt;
         t.c0 = kb.c0;
         t.nci = kb.nc;
-        t.b = panel + kb.t0 * tap_stride + kb.c0 * ldb;
-        t.tap_stride = tap_stride;
-        t.ldb = ldb;
+        t.b = panel + (kb.t0 * p.ci + kb.c0) * kPanel;
+        t.tap_stride = p.ci * kPanel;
+        t.ldb = kPanel;
         t.c = y + (m0 + tile * kMr) * p.co + n0;
         t.ldc = p.co;
         t.mr = static_cast<int>(std::min<int64_t>(kMr, mc - tile * kMr));
