@@ -4,26 +4,30 @@
                               [--batches 2,1] [--max-rss-gb N]
 
 For each config a subprocess builds the diffusers PyTorch models with a fixed seed and
-``save_pretrained``s them (safetensors) to a temporary folder; every measurement then runs in its own
-fresh subprocess, one after the other, that loads those weights (PyTorch: ``from_pretrained``; tsjax:
-``tsjax.diffusion.convert``) so that each peak-memory figure belongs to that measurement alone and the
-two frameworks never hold a model at the same time. Peak memory is the process's
-resident-set high-water mark ``VmHWM`` from ``/proc/self/status`` (it sees XLA's and PyTorch's native
-allocations, which ``tracemalloc``/``getrusage`` do not), read at the end of the worker, minus nothing:
-it includes the interpreter and the loaded weights.
+``save_pretrained``s them (safetensors) to a temporary folder; each measurement then starts two fresh
+worker processes, tsjax and PyTorch, that load those weights (PyTorch: ``from_pretrained``; tsjax:
+``tsjax.diffusion.convert``), compile / warm up one after the other, and are then **interleaved**: the
+parent asks each for one step, round after round, alternating which goes first (``_workers.py``: the
+speed of this shared machine drifts by up to 2.5x within seconds, so back-to-back runs compare machine
+states, not frameworks). Each framework keeps its own process, so each peak-memory figure belongs to it
+alone: the resident-set high-water mark ``VmHWM`` from ``/proc/self/status`` (it sees XLA's and
+PyTorch's native allocations, which ``tracemalloc``/``getrusage`` do not), read at the end, minus
+nothing: it includes the interpreter and the loaded weights.
 
 Measurements (``kind``): ``unet_fwd`` (UNet forward), ``unet_fwd_bwd`` (forward + gradient of
 ``mean(out^2)`` w.r.t. all UNet params), ``vae_enc_bwd`` (VAE encoder forward + gradient of
 ``mean(mean_latent^2)`` w.r.t. the VAE params). ``compile_s``: tsjax ``jit`` lower+compile time (for
 PyTorch, eager, the first call's extra time over a steady call); ``step_s``: median of ``--iters``
-steady-state calls; ``loadavg_1min``: the machine's 1-minute load average when the worker started and
-ended (the CPU may be shared; a load above the core count slows both frameworks unevenly). Both frameworks get the same number of CPU threads (``--threads``) and each worker is pinned to that many cores (``_cpus.py``: XLA's GEMMs use every core whatever its thread flags). A summary line
-per (config, kind) gives ``ratio = tsjax step_s / torch step_s``. A config is skipped, with the reason
+interleaved steady-state calls (``step_s_min`` their minimum); ``loadavg_1min``: the machine's 1-minute
+load average when the worker started and ended. tsjax records also say whether the native CPU conv
+kernels were used (``native_conv``, ``cpu_isa``; ``TSJAX_NATIVE_CONV=0`` turns them off). Both frameworks get the same number of CPU threads (``--threads``) and each worker is pinned to that many cores (``_cpus.py``: XLA's GEMMs use every core whatever its thread flags). A summary line
+per (config, kind) gives ``ratio = tsjax step_s / torch step_s`` (of medians), ``ratio_min`` and
+``per_round_ratio_median`` (the median of the per-round ratios, the steadiest figure). A config is skipped, with the reason
 recorded, when the machine's available memory is below its estimated need.
 
 Memory guard (the machine is shared): the parent polls each worker's resident set and kills it when it
-exceeds ``--max-rss-gb`` (default: available memory at the start minus 2 GiB) or when the machine's
-available memory drops under 1 GiB. ``--batches`` lists the batch sizes to try per measurement, largest
+exceeds ``--max-rss-gb`` (default: half the available memory at the start minus 1 GiB: both workers are
+alive together) or when the machine's available memory drops under 1 GiB. ``--batches`` lists the batch sizes to try per measurement, largest
 first (default: the config's batch): when a worker of either framework is killed by the guard (or fails)
 at one batch size, both frameworks are measured again at the next one, and the records say so
 (``"batch"`` in every record; ``"fallback_from"`` on the summary).
@@ -32,7 +36,7 @@ Configs: ``mid`` = UNet blocks 128/256/512 (cross-attn dim 768, 32x32 latents, b
 blocks 128/256/512 (128x128 images -> 32x32 latents, batch 2); ``sd21-base`` = Stable Diffusion
 2.1-base UNet (320/640/1280/1280, heads 5/10/20/20, linear projection, cross-attn dim 1024, 64x64
 latents, 865.9 M parameters) and VAE (128/256/512/512, 512x512 images), batch 2 by default with the
-``--batches 2,1`` fallback; one warm-up and one timed iteration (``--iters`` applies to ``mid`` only).
+``--batches 2,1`` fallback. ``--iters`` interleaved rounds (default 5 for mid, 2 for sd21-base).
 """
 from __future__ import annotations
 
@@ -48,6 +52,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cpus import pin_from_env, worker_env  # noqa: E402
+from _workers import Worker, available_gb, emit_result, interleave, ratio_summary, reset_peak, serve, status_mb  # noqa: E402
 
 PINNED_CPUS = pin_from_env()  # workers: their share of the cores, set before jax/torch load
 
@@ -81,21 +86,6 @@ CONFIGS = {
 KINDS = ("unet_fwd", "unet_fwd_bwd", "vae_enc_bwd")
 
 
-def vm_hwm_mb() -> float:
-    """Resident-set high-water mark of this process in MiB (``VmHWM`` of /proc/self/status)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
-def available_gb() -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) / 1024.0**2
-    return float("nan")
-
-
 def build_weights(name: str, root: Path) -> None:
     """Create the seeded diffusers models of config ``name`` and save them under ``root/{unet,vae}``."""
     import torch
@@ -122,16 +112,8 @@ def _inputs(name: str, batch: int):
     return x, t, ctx, img
 
 
-def _time(fn, iters):
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def worker_torch(name: str, kind: str, root: Path, iters: int, threads: int, batch: int) -> dict:
+def worker_torch(name: str, kind: str, root: Path, threads: int, batch: int):
+    """``(step, setup)``: one PyTorch step of ``kind`` and its first call's extra time."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -158,17 +140,21 @@ def worker_torch(name: str, kind: str, root: Path, iters: int, threads: int, bat
     t0 = time.perf_counter()
     run()
     first = time.perf_counter() - t0
-    step = _time(run, iters)
-    return {"compile_s": max(first - step, 0.0), "step_s": step}
+    t0 = time.perf_counter()
+    run()
+    return run, {"compile_s": max(first - (time.perf_counter() - t0), 0.0), "torch_threads": torch.get_num_threads()}
 
 
-def worker_jax(name: str, kind: str, root: Path, iters: int, threads: int, batch: int) -> dict:
+def worker_jax(name: str, kind: str, root: Path, threads: int, batch: int):
+    """``(step, setup)``: one tsjax step of ``kind`` (compiled, warmed up) and its compile time."""
     import jax
     import jax.numpy as jnp
 
     from tsjax.diffusion import convert
     from tsjax.diffusion.unet import UNet2DConditionModel
     from tsjax.diffusion.vae import AutoencoderKL
+    from tsjax.ops import _ffi
+    from tsjax.ops.conv import native_available
 
     x, t, ctx, img = _inputs(name, batch)
     if kind.startswith("unet"):
@@ -196,52 +182,24 @@ def worker_jax(name: str, kind: str, root: Path, iters: int, threads: int, batch
     t0 = time.perf_counter()
     compiled = f.lower(params, *args).compile()
     compile_s = time.perf_counter() - t0
-    jax.block_until_ready(compiled(params, *args))  # first call (allocations)
-    step = _time(lambda: jax.block_until_ready(compiled(params, *args)), iters)
-    return {"compile_s": compile_s, "step_s": step}
+
+    def run():
+        jax.block_until_ready(compiled(params, *args))
+
+    run()  # first call (allocations)
+    run()
+    return run, {"compile_s": compile_s, "native_conv": native_available(), "cpu_isa": _ffi.cpu_isa()}
 
 
 def run_worker(argv) -> None:
     fw, name, kind, root = argv[0], argv[1], argv[2], Path(argv[3])
-    iters, threads, batch = int(argv[4]), int(argv[5]), int(argv[6])
+    threads, batch = int(argv[4]), int(argv[5])
     load0 = os.getloadavg()[0]
-    res = (worker_jax if fw == "tsjax" else worker_torch)(name, kind, root, iters, threads, batch)
-    res.update(framework=fw, config=name, kind=kind, batch=batch, peak_rss_mb=round(vm_hwm_mb(), 1),
-               threads=threads, cpus_pinned=PINNED_CPUS, iters=iters, loadavg_1min=[round(load0, 2), round(os.getloadavg()[0], 2)])
-    print("RESULT " + json.dumps(res))
-
-
-def _rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return 0.0
-
-
-def run_guarded(cmd: list[str], env: dict, max_rss_mb: float) -> tuple[int, str, str, str | None]:
-    """Run ``cmd``; kill it when its RSS exceeds ``max_rss_mb`` or the machine's available memory drops
-    below 1 GiB. Returns ``(returncode, stdout, stderr, kill_reason or None)``."""
-    with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
-        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, text=True, env=env)
-        reason, peak = None, 0.0
-        while proc.poll() is None:
-            rss = _rss_mb(proc.pid)
-            peak = max(peak, rss)
-            if rss > max_rss_mb:
-                reason = f"memory guard: worker RSS {rss:.0f} MiB > limit {max_rss_mb:.0f} MiB"
-            elif available_gb() < 1.0:
-                reason = f"memory guard: machine available memory < 1 GiB (worker RSS {rss:.0f} MiB)"
-            if reason:
-                proc.kill()
-                proc.wait()
-                break
-            time.sleep(0.25)
-        fo.seek(0)
-        fe.seek(0)
-        return proc.returncode, fo.read(), fe.read(), reason
+    run, setup = (worker_jax if fw == "tsjax" else worker_torch)(name, kind, root, threads, batch)
+    reset_ok = reset_peak()  # step memory from here (weights and compiled program are resident)
+    emit_result(setup)
+    serve(run, status_mb("VmRSS"), reset_ok,
+          lambda: {"loadavg_1min": [round(load0, 2), round(os.getloadavg()[0], 2)]})
 
 
 def main(argv=None) -> int:
@@ -257,25 +215,27 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", default="mid,sd21-base")
     ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=None, help="interleaved rounds (default: 5 mid, 2 sd21-base)")
     ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
     ap.add_argument("--batches", default=None,
                     help="comma-separated batch sizes to try per measurement, largest first (default: config's)")
     ap.add_argument("--max-rss-gb", type=float, default=None,
-                    help="kill a worker above this resident set (default: available memory - 2 GiB)")
+                    help="kill a worker above this resident set (default: half the available memory - 1 GiB)")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")] if args.batches else None
     if batches is not None and (not batches or min(batches) < 1):
         print(f"error: --batches {args.batches}: expected positive integers", file=sys.stderr)
         return 2
-    max_rss_mb = 1024.0 * (args.max_rss_gb if args.max_rss_gb else available_gb() - 2.0)
+    max_rss_mb = 1024.0 * (args.max_rss_gb if args.max_rss_gb else available_gb() / 2 - 1.0)
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         f" --xla_cpu_multi_thread_eigen={'true' if args.threads > 1 else 'false'}").strip()
     env["OMP_NUM_THREADS"] = str(args.threads)
     env = worker_env(env, args.threads)  # CPU affinity: XLA ignores thread counts for GEMMs
     env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONUNBUFFERED"] = "1"
     lines = []
+    logdir = Path(tempfile.mkdtemp(prefix="diffusion_bench_logs_"))
 
     def emit(rec):
         line = json.dumps(rec)
@@ -295,31 +255,41 @@ def main(argv=None) -> int:
                 emit({"config": name, "error": "building weights: " +
                       (proc.stderr.strip().splitlines() or ["?"])[-1][:300]})
                 continue
-            iters = args.iters if name == "mid" else 1
+            iters = args.iters or (5 if name == "mid" else 2)
             for kind in args.kinds.split(","):
                 tried = []
                 for batch in batches or [cfg["batch"]]:
-                    res = {}
+                    workers, setup, failed = {}, {}, None
+                    try:
+                        for fw in ("tsjax", "torch"):  # set up one at a time (no two compiles competing)
+                            w = Worker(Path(__file__).resolve(), f"{fw}:{name}:{kind}:{batch}",
+                                       [fw, name, kind, d, str(args.threads), str(batch)], env, logdir, max_rss_mb)
+                            workers[fw] = w
+                            setup[fw] = w.read()
+                        times = interleave(workers, iters)
+                        fin = {fw: w.ask("finish") for fw, w in workers.items()}
+                    except RuntimeError as e:
+                        failed = str(e)
+                    finally:
+                        for w in workers.values():
+                            w.close()
+                    if failed:
+                        emit({"config": name, "kind": kind, "batch": batch, "error": failed[:300]})
+                        tried.append(batch)
+                        continue
                     for fw in ("tsjax", "torch"):
-                        cmd = [sys.executable, __file__, "--worker", fw, name, kind, d, str(iters),
-                               str(args.threads), str(batch)]
-                        rc, out, err, killed = run_guarded(cmd, env, max_rss_mb)
-                        out = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-                        if killed or rc or not out:
-                            emit({"config": name, "kind": kind, "framework": fw, "batch": batch,
-                                  "error": killed or (err.strip().splitlines() or ["?"])[-1][:300]})
-                            break
-                        res[fw] = json.loads(out[-1][7:])
-                        emit(res[fw])
-                    if len(res) == 2:
-                        rec = {"config": name, "kind": kind, "batch": batch, "summary": True,
-                               "ratio_step_tsjax_over_torch": round(res["tsjax"]["step_s"] / res["torch"]["step_s"], 3),
-                               "ratio_peak_rss": round(res["tsjax"]["peak_rss_mb"] / res["torch"]["peak_rss_mb"], 3)}
-                        if tried:
-                            rec["fallback_from"] = tried
-                        emit(rec)
-                        break
-                    tried.append(batch)
+                        ts = times[fw]
+                        emit(dict(framework=fw, config=name, kind=kind, batch=batch, step_s=statistics.median(ts),
+                                  step_s_min=min(ts), iters=len(ts), threads=args.threads,
+                                  cpus_pinned=args.threads, **setup[fw], **fin[fw]))
+                    rec = {"config": name, "kind": kind, "batch": batch, "summary": True,
+                           **ratio_summary(times["tsjax"], times["torch"]),
+                           "ratio_peak_rss": round(fin["tsjax"]["peak_rss_mb"] / fin["torch"]["peak_rss_mb"], 3)}
+                    rec["ratio_step_tsjax_over_torch"] = rec["ratio_median"]
+                    if tried:
+                        rec["fallback_from"] = tried
+                    emit(rec)
+                    break
     if args.out:
         with open(args.out, "a") as fh:
             fh.write("\n".join(lines) + "\n")

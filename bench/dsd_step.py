@@ -23,14 +23,16 @@ Shapes (batch B = 1 distilled view per step, as in both presets):
 
 Variants: ``plain`` = :data:`tsjax.config.PLAIN_PERF` (fp32, one UNet call per term, two surface
 extractions, contextual gradient and update as separate jits, no donation, no remat); ``optimised`` =
-``PerfConfig()`` defaults (on CPU: fp32 because ``compute_dtype="auto"`` is fp32 there, XLA/chunked
-attention, fused UNet passes, one extraction, contextual loss fused into the one jit, donated state).
+``PerfConfig()`` defaults (on CPU: fp32 because ``compute_dtype="auto"`` is fp32 there, the native CPU
+conv and attention kernels, fused UNet passes, one extraction, contextual loss fused into the one jit,
+donated state).
 
 Per variant: ``compile_s`` (``.lower().compile()`` of the step's jitted programs; the plain step is
 three programs, built exactly as :func:`tsjax.theme.stage2.make_step` builds them, and its compile time
 is their sum), ``first_call_s`` (first execution after compilation), step time (min and median of
 ``--steps`` calls after one warm-up call; each measurement runs in its own process, and the two variants
-are interleaved call by call, then the two guidance peers, so that at most two workers hold memory),
+are interleaved call by call (``_workers.py``: the order rotates every round), then the guidance peers
+of each dtype, so that at most three workers hold memory),
 peak memory (``peak_rss_mb``: the process's resident high-water mark
 ``VmHWM`` over the first call and the timed steps, reset after compilation via ``/proc/self/clear_refs``;
 ``step_mem_mb``: that peak minus the resident size just before the first call, i.e. the working memory
@@ -39,7 +41,8 @@ over the step's programs; the rasterizer FFI custom call counts 0, which is negl
 UNets) and ``utilisation`` = ``gflop_per_step / step_s_median / peak`` with ``peak`` the float32 matmul
 GFLOP/s measured in the same run (``jnp.dot`` 2048^2, best of 5, same thread count), stated in each row.
 
-PyTorch guidance peer (``--peer``, tiny and mid): the guidance part of one step on the SAME weights
+PyTorch guidance peer (``--peer``, tiny and mid; ``--peer-dtypes float32,bfloat16``): the guidance part
+of one step on the SAME weights
 (diffusers ``UNet2DConditionModel``/``AutoencoderKL`` created with a fixed seed, ``save_pretrained``,
 loaded by tsjax through ``tsjax.diffusion.convert``; the LoRA is tsjax's ``init_lora`` tree saved with
 ``save_lora_diffusers`` and loaded with diffusers ``load_lora_adapter``) and the same host-drawn noise,
@@ -57,8 +60,12 @@ embedding), fed ``class_labels=camera``. The PEFT LoRA targets to_q/to_k/to_v/to
 = rank), the adapted layers of tsjax's LoRA. tsjax runs the same ops as one jitted function with the
 optimised perf settings. Both get ``--threads`` CPU threads (torch ``set_num_threads``, XLA's Eigen pool
 via ``--xla_cpu_multi_thread_eigen`` and ``OMP_NUM_THREADS``), and every worker is pinned to that many
-cores (``_cpus.py``: XLA's GEMMs otherwise use every core whatever its thread flags). A parity line compares the two sides'
-loss and image gradients on the first call (same weights, same draws).
+cores (``_cpus.py``: XLA's GEMMs otherwise use every core whatever its thread flags). A ``peer_ratio`` line
+per pair gives the time ratio (tsjax / PyTorch: of medians, of minima, and the median of the per-round
+ratios) and compares the two sides' loss and image gradients on the first call (same weights, same
+draws). With ``bfloat16``, tsjax's guidance runs with ``perf.compute_dtype="bfloat16"`` (on a CPU with
+AMX-BF16 its convs run on AMX tiles, ``tsjax.ops.conv``) and is compared with PyTorch under
+``torch.autocast("cpu", torch.bfloat16)`` and with PyTorch in float32 (the authors' code runs float32).
 """
 from __future__ import annotations
 
@@ -76,6 +83,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cpus import pin_from_env, worker_env  # noqa: E402
+from _workers import Worker, available_gb, emit_result, interleave, ratio_summary, reset_peak, serve, status_mb  # noqa: E402
 
 PINNED_CPUS = pin_from_env()  # workers: their share of the cores, set before jax/torch load
 
@@ -133,38 +141,6 @@ def geometry_config(shape: str, paper_grid: int):
 # ------------------------------------------------------------------------------------------------------
 # process helpers
 # ------------------------------------------------------------------------------------------------------
-def _status(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
-def reset_peak() -> bool:
-    """Reset this process's VmHWM to its current RSS (``/proc/self/clear_refs`` "5"); False if refused."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def available_gb() -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) / 1024.0**2
-    return float("nan")
-
-
-def emit_result(rec: dict) -> None:
-    print("RESULT " + json.dumps(rec), flush=True)
-
-
-def commands():
-    for line in sys.stdin:
-        yield line.strip()
-
-
 # ------------------------------------------------------------------------------------------------------
 # prep: weights (diffusers save_pretrained) + LoRA file + host data for the guidance peer
 # ------------------------------------------------------------------------------------------------------
@@ -381,7 +357,7 @@ def worker_step(shape: str, variant: str, root: Path, paper_grid: int) -> None:
     progs, call = step_programs(spec, opt)
     compiled, lower_s, compile_s, flops, mem = compile_programs(progs, state, inputs, key)
     reset_ok = reset_peak()
-    rss0 = _status("VmRSS")
+    rss0 = status_mb("VmRSS")
     t0 = time.perf_counter()
     state, m = call(compiled, state, inputs, key)
     jax.block_until_ready((state, m))
@@ -392,19 +368,12 @@ def worker_step(shape: str, variant: str, root: Path, paper_grid: int) -> None:
     emit_result({"lower_s": lower_s, "compile_s": compile_s, "first_call_s": first, "flops": flops,
                  "xla_memory": mem, "programs": len(progs), "num_faces": m0["num_faces"],
                  "finite": m0["finite"], "loss": m0["loss"]})
-    times = []
-    for cmd in commands():
-        if cmd == "step":
-            t0 = time.perf_counter()
-            state, m = call(compiled, state, inputs, key)
-            jax.block_until_ready((state, m))
-            times.append(time.perf_counter() - t0)
-            emit_result({"t": times[-1]})
-        elif cmd == "finish":
-            hwm = _status("VmHWM")
-            emit_result({"peak_rss_mb": round(hwm, 1), "step_mem_mb": round(hwm - rss0, 1),
-                         "peak_reset": reset_ok, "finite_last": float(m["finite"])})
-            return
+    cur = {"state": state, "m": m}
+
+    def step():
+        cur["state"], cur["m"] = jax.block_until_ready(call(compiled, cur["state"], inputs, key))
+
+    serve(step, rss0, reset_ok, lambda: {"finite_last": float(cur["m"]["finite"])})
 
 
 def worker_paper(variant: str, paper_grid: int, do_compile: bool) -> None:
@@ -435,7 +404,7 @@ def worker_paper(variant: str, paper_grid: int, do_compile: bool) -> None:
 # ------------------------------------------------------------------------------------------------------
 # guidance peer: tsjax
 # ------------------------------------------------------------------------------------------------------
-def worker_guid_tsjax(shape: str, root: Path) -> None:
+def worker_guid_tsjax(shape: str, root: Path, dtype: str) -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -455,7 +424,7 @@ def worker_guid_tsjax(shape: str, root: Path) -> None:
     up_c, up_r = convert.load_unet(root / "unet")[1], convert.load_unet(root / "unet")[1]
     vcfg, vp = convert.load_vae(root / "vae")
     model = S.with_compute(DiffusionModel(ucfg, vcfg, CLIPTextConfig.tiny(), dict(TINY_SCHEDULER), None, {}),
-                           PerfConfig())
+                           PerfConfig(compute_dtype=dtype))
     train, lora_apply = _lora_parts(model, up, LORA_RANK, jax.random.key(12))
     train["lora"] = load_lora_diffusers(root / "lora" / LORA_WEIGHT_NAME, up)
     sf = float(model.scaling_factor)
@@ -512,30 +481,28 @@ def worker_guid_tsjax(shape: str, root: Path) -> None:
     ca = compiled.cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca
     reset_ok = reset_peak()
-    rss0 = _status("VmRSS")
+    rss0 = status_mb("VmRSS")
     t0 = time.perf_counter()
     train, opt_state, total, terms, gxc, gxn = jax.block_until_ready(compiled(train, opt_state, frozen, data))
     first = time.perf_counter() - t0
-    np.savez(root / "parity_tsjax.npz", total=np.asarray(total), gxc=np.asarray(gxc), gxn=np.asarray(gxn),
-             **{"term_" + k: np.asarray(v) for k, v in terms.items()})
+    np.savez(root / f"parity_tsjax_{dtype}.npz", total=np.asarray(total, np.float32),
+             gxc=np.asarray(gxc, np.float32), gxn=np.asarray(gxn, np.float32),
+             **{"term_" + k: np.asarray(v, np.float32) for k, v in terms.items()})
     train, opt_state = jax.block_until_ready(compiled(train, opt_state, frozen, data))[:2]  # warm-up
     emit_result({"compile_s": compile_s, "first_call_s": first, "flops": float(ca.get("flops", 0.0))})
-    for cmd in commands():
-        if cmd == "step":
-            t0 = time.perf_counter()
-            out = jax.block_until_ready(compiled(train, opt_state, frozen, data))
-            emit_result({"t": time.perf_counter() - t0})
-            train, opt_state = out[:2]
-        elif cmd == "finish":
-            hwm = _status("VmHWM")
-            emit_result({"peak_rss_mb": round(hwm, 1), "step_mem_mb": round(hwm - rss0, 1), "peak_reset": reset_ok})
-            return
+    cur = {"train": train, "opt_state": opt_state}
+
+    def step():
+        out = jax.block_until_ready(compiled(cur["train"], cur["opt_state"], frozen, data))
+        cur["train"], cur["opt_state"] = out[:2]
+
+    serve(step, rss0, reset_ok)
 
 
 # ------------------------------------------------------------------------------------------------------
 # guidance peer: diffusers PyTorch
 # ------------------------------------------------------------------------------------------------------
-def worker_guid_torch(shape: str, root: Path, threads: int) -> None:
+def worker_guid_torch(shape: str, root: Path, threads: int, dtype: str) -> None:
     import numpy as np
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -612,28 +579,28 @@ def worker_guid_torch(shape: str, root: Path, threads: int) -> None:
         opt.step()
         return total.detach(), {k: v.detach() for k, v in dict(terms, lora=l_lora).items()}, xc.grad, xn.grad
 
+    if dtype == "bfloat16":  # autocast: bf16 matmuls/convs (oneDNN), float32 weights and reductions
+        step_fp32 = step
+
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return step_fp32()
+
     reset_ok = reset_peak()
-    rss0 = _status("VmRSS")
+    rss0 = status_mb("VmRSS")
     t0 = time.perf_counter()
     total, terms, gxc, gxn = step()
     first = time.perf_counter() - t0
-    np.savez(root / "parity_torch.npz", total=total.numpy(), gxc=gxc.permute(0, 2, 3, 1).numpy(),
-             gxn=gxn.permute(0, 2, 3, 1).numpy(), **{"term_" + k: v.numpy() for k, v in terms.items()})
+    np.savez(root / f"parity_torch_{dtype}.npz", total=total.float().numpy(),
+             gxc=gxc.float().permute(0, 2, 3, 1).numpy(), gxn=gxn.float().permute(0, 2, 3, 1).numpy(),
+             **{"term_" + k: v.float().numpy() for k, v in terms.items()})
     step()  # warm-up
     t0 = time.perf_counter()
     step()
     steady = time.perf_counter() - t0
     emit_result({"compile_s": max(first - steady, 0.0), "first_call_s": first, "trainable_params": n_lora,
                  "torch_threads": torch.get_num_threads()})
-    for cmd in commands():
-        if cmd == "step":
-            t0 = time.perf_counter()
-            step()
-            emit_result({"t": time.perf_counter() - t0})
-        elif cmd == "finish":
-            hwm = _status("VmHWM")
-            emit_result({"peak_rss_mb": round(hwm, 1), "step_mem_mb": round(hwm - rss0, 1), "peak_reset": reset_ok})
-            return
+    serve(step, rss0, reset_ok)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -672,9 +639,9 @@ def run_worker(argv: list[str]) -> None:
     elif role == "paper":
         worker_paper(argv[1], int(argv[2]), argv[3] == "1")
     elif role == "guid_tsjax":
-        worker_guid_tsjax(argv[1], Path(argv[2]))
+        worker_guid_tsjax(argv[1], Path(argv[2]), argv[3])
     elif role == "guid_torch":
-        worker_guid_torch(argv[1], Path(argv[2]), int(argv[3]))
+        worker_guid_torch(argv[1], Path(argv[2]), int(argv[3]), argv[4])
     elif role == "peak":
         worker_peak(int(argv[1]))
     else:
@@ -684,42 +651,6 @@ def run_worker(argv: list[str]) -> None:
 # ------------------------------------------------------------------------------------------------------
 # parent: spawn workers, interleave, summarise
 # ------------------------------------------------------------------------------------------------------
-class Worker:
-    """A worker subprocess driven over stdin/stdout (``RESULT {json}`` lines); stderr goes to a log file."""
-
-    def __init__(self, name: str, argv: list[str], env: dict, logdir: Path):
-        self.name = name
-        self.log = logdir / (name.replace(":", "_") + ".log")
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", *argv],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log.open("w"),
-                                     text=True, env=env)
-
-    def read(self, timeout: float | None = None) -> dict:
-        for line in self.proc.stdout:
-            if line.startswith("RESULT "):
-                return json.loads(line[7:])
-        self.proc.wait()
-        tail = self.log.read_text().strip().splitlines()[-3:]
-        raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {' | '.join(tail)[-600:]}")
-
-    def ask(self, cmd: str) -> dict:
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
-        return self.read()
-
-    def close(self) -> None:
-        try:
-            if self.proc.stdin:
-                self.proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 def _machine() -> dict:
     import jax
     import torch
@@ -757,6 +688,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="tiny,mid", help="comma list of tiny, mid, paper")
     ap.add_argument("--variants", default="plain,optimised", help="comma list of plain, optimised")
     ap.add_argument("--peer", action="store_true", help="also time the guidance part in tsjax and diffusers PyTorch")
+    ap.add_argument("--peer-dtypes", default="float32",
+                    help="comma list of float32, bfloat16: compute dtype of the guidance peers (bfloat16: tsjax "
+                         "perf.compute_dtype=bfloat16 against PyTorch bf16 autocast and PyTorch float32)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per variant (after one warm-up)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for XLA and torch")
     ap.add_argument("--paper-grid", type=int, default=128, help="tet grid of the paper shape")
@@ -766,7 +700,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     shapes = [s for s in args.shapes.split(",") if s]
     variants = [v for v in args.variants.split(",") if v]
-    bad = [s for s in shapes if s not in SHAPES] + [v for v in variants if v not in ("plain", "optimised")]
+    peer_dtypes = [t for t in args.peer_dtypes.split(",") if t]
+    bad = [s for s in shapes if s not in SHAPES] + [v for v in variants if v not in ("plain", "optimised")] + \
+        [t for t in peer_dtypes if t not in ("float32", "bfloat16")]
     if bad or args.steps < 1 or args.threads < 1:
         print(f"error: --shapes/--variants: unknown {bad}" if bad else "error: --steps and --threads must be >= 1",
               file=sys.stderr)
@@ -789,7 +725,8 @@ def main(argv=None) -> int:
 
     meta = dict(_machine(), date=date, threads=args.threads, cpus_pinned_per_worker=args.threads)
     logdir = Path(tempfile.mkdtemp(prefix="dsd_bench_logs_"))
-    peak_w = Worker("peak", ["peak", str(args.threads)], env, logdir)
+    script = Path(__file__).resolve()
+    peak_w = Worker(script, "peak", ["peak", str(args.threads)], env, logdir)
     peak = peak_w.read()
     peak_w.close()
     emit(dict(meta, kind="peak", **peak))
@@ -805,7 +742,8 @@ def main(argv=None) -> int:
             continue
         if shape == "paper":
             for v in variants:
-                w = Worker(f"paper:{v}", ["paper", v, str(args.paper_grid), str(args.paper_compile)], env, logdir)
+                w = Worker(script, f"paper:{v}", ["paper", v, str(args.paper_grid), str(args.paper_compile)], env,
+                           logdir)
                 try:
                     r = w.read()
                     emit(dict(base, kind="step", variant=v, run="not run: memory/time (CPU, 24 GiB shared)",
@@ -820,7 +758,7 @@ def main(argv=None) -> int:
             continue
         with tempfile.TemporaryDirectory(prefix=f"dsd_bench_{shape}_") as d:
             root = Path(d)
-            pw = Worker(f"prep:{shape}", ["prep", shape, d], env, logdir)
+            pw = Worker(script, f"prep:{shape}", ["prep", shape, d], env, logdir)
             prep = pw.read()
             pw.close()
             setup: dict[str, dict] = {}
@@ -829,13 +767,17 @@ def main(argv=None) -> int:
             load_of: dict[str, dict] = {}
             phases = [[(f"step:{v}", ["step", shape, v, d, str(args.paper_grid)]) for v in variants]]
             if args.peer:
-                phases.append([("guid:tsjax", ["guid_tsjax", shape, d]),
-                               ("guid:torch", ["guid_torch", shape, d, str(args.threads)])])
-            # two phases (step variants, then the guidance peers) so that at most two workers hold memory
+                for dt in peer_dtypes:  # bf16: against PyTorch bf16 autocast and PyTorch float32
+                    torch_dts = [dt] + (["float32"] if dt != "float32" else [])
+                    phases.append([(f"guid:tsjax:{dt}", ["guid_tsjax", shape, d, dt])] +
+                                  [(f"guid:torch:{t}", ["guid_torch", shape, d, str(args.threads), t])
+                                   for t in torch_dts])
+            # one phase at a time (the step variants, then the guidance peers of each dtype) so that at most
+            # two or three workers hold memory
             for roles in phases:
                 workers: dict[str, Worker] = {}
                 for name, wargv in roles:  # start + compile one at a time (no two compiles competing)
-                    w = Worker(f"{name}:{shape}", wargv, env, logdir)
+                    w = Worker(script, f"{name}:{shape}", wargv, env, logdir)
                     try:
                         setup[name] = w.read()
                         workers[name] = w
@@ -843,12 +785,7 @@ def main(argv=None) -> int:
                         emit(dict(base, kind="error", role=name, error=str(e)))
                         w.close()
                 loads = [os.getloadavg()[0]]
-                for n in workers:
-                    times[n] = []
-                for _ in range(args.steps):  # interleaved: one call of each, round after round
-                    for n, w in workers.items():
-                        times[n].append(w.ask("step")["t"])
-                    loads.append(os.getloadavg()[0])
+                times.update(interleave(workers, args.steps, lambda: loads.append(os.getloadavg()[0])))
                 for n, w in workers.items():
                     fin[n] = w.ask("finish")
                     w.close()
@@ -864,30 +801,31 @@ def main(argv=None) -> int:
                     rec.update(variant=n.split(":")[1], programs=s["programs"], num_faces=s["num_faces"],
                                finite=min(s["finite"], f["finite_last"]), xla_memory=s["xla_memory"])
                 else:
-                    rec.update(framework=n.split(":")[1])
+                    rec.update(framework=n.split(":")[1], dtype=n.split(":")[2])
                 if "flops" in s:
                     gf = s["flops"] / 1e9
                     rec.update(gflop_per_step=round(gf, 2), peak_gflops_assumed=round(peak_gflops, 1),
                                utilisation=round(gf / (statistics.median(ts)) / peak_gflops, 4))
-                if n == "guid:torch":
+                if n.startswith("guid:torch"):
                     rec.update(torch_threads=s["torch_threads"], trainable_params=s["trainable_params"],
                                compile_s_note="eager: first call minus a steady call")
                 rec["unet_params_m"] = prep["unet_params_m"]
                 emit(rec)
-            if "guid:tsjax" in times and "guid:torch" in times:
-                import numpy as np
+            for dt in peer_dtypes if args.peer else []:
+                for tdt in [dt] + (["float32"] if dt != "float32" else []):
+                    a_n, b_n = f"guid:tsjax:{dt}", f"guid:torch:{tdt}"
+                    if a_n not in times or b_n not in times:
+                        continue
+                    import numpy as np
 
-                a, b = times["guid:tsjax"], times["guid:torch"]
-                pa, pb = np.load(root / "parity_tsjax.npz"), np.load(root / "parity_torch.npz")
-                emit(dict(base, kind="peer_ratio",
-                          ratio_median=round(statistics.median(a) / statistics.median(b), 3),
-                          ratio_min=round(min(a) / min(b), 3), goal="<= 0.7 at mid",
-                          per_round_ratio_median=round(statistics.median([x / y for x, y in zip(a, b)]), 3),
-                          parity_rel_err={"loss": _rel(pa["total"], pb["total"]),
-                                          "grad_color_image": _rel(pa["gxc"], pb["gxc"]),
-                                          "grad_normal_image": _rel(pa["gxn"], pb["gxn"]),
-                                          **{k: _rel(pa[k], pb[k]) for k in pa.files if k.startswith("term_")}},
-                          **load_of["guid:torch"]))
+                    pa, pb = np.load(root / f"parity_tsjax_{dt}.npz"), np.load(root / f"parity_torch_{tdt}.npz")
+                    emit(dict(base, kind="peer_ratio", tsjax_dtype=dt, torch_dtype=tdt, goal="<= 0.7 at mid",
+                              **ratio_summary(times[a_n], times[b_n]),
+                              parity_rel_err={"loss": _rel(pa["total"], pb["total"]),
+                                              "grad_color_image": _rel(pa["gxc"], pb["gxc"]),
+                                              "grad_normal_image": _rel(pa["gxn"], pb["gxn"]),
+                                              **{k: _rel(pa[k], pb[k]) for k in pa.files if k.startswith("term_")}},
+                              **load_of[b_n]))
             if "step:plain" in times and "step:optimised" in times:
                 p, o = times["step:plain"], times["step:optimised"]
                 emit(dict(base, kind="speedup", plain_over_optimised_median=round(statistics.median(p) /
