@@ -20,49 +20,7 @@ namespace tsjax {
 namespace attention_detail {
 namespace avx2 {
 
-struct V {
-  using T = __m256;
-  static constexpr int W = 8;
-  static constexpr int kAcc = 12;
-  static T load(const float* p) { return _mm256_loadu_ps(p); }
-  static void store(float* p, T x) { _mm256_storeu_ps(p, x); }
-  static T set1(float x) { return _mm256_set1_ps(x); }
-  static T zero() { return _mm256_setzero_ps(); }
-  static T add(T a, T b) { return _mm256_add_ps(a, b); }
-  static T sub(T a, T b) { return _mm256_sub_ps(a, b); }
-  static T mul(T a, T b) { return _mm256_mul_ps(a, b); }
-  static T fmadd(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
-  static T max(T a, T b) { return _mm256_max_ps(a, b); }
-  static float hmax(T x) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
-    return _mm_cvtss_f32(m);
-  }
-  static float hsum(T x) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-  }
-  // exp(x) as the AVX-512 version; 2^n through the exponent bits (n in [-126, 127] after the clamp).
-  static T exp(T x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, set1(-87.33654f)), set1(88.37626f));
-    const T n = _mm256_round_ps(_mm256_mul_ps(x, set1(1.44269504088896341f)),
-                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    T r = _mm256_fnmadd_ps(n, set1(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, set1(-2.12194440e-4f), r);
-    T y = set1(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, r, set1(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, r, set1(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, r, set1(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, r, set1(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, r, set1(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, set1(1.0f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-  }
-};
+#include "kernels/simd_avx2.h"
 
 #include "kernels/attention_cpu_impl.h"
 

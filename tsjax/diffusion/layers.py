@@ -25,12 +25,13 @@ import numpy as np
 
 from tsjax.ops import attention as native_attention
 from tsjax.ops import conv as native_conv
+from tsjax.ops import group_norm as native_group_norm
 
 Dtype = Any
 
 __all__ = ["ATTENTION_IMPLS", "attention", "timestep_embedding", "group_norm", "LayerNorm", "Attention",
            "FeedForward", "BasicTransformerBlock", "Transformer2D", "ResnetBlock2D", "Downsample2D",
-           "Upsample2D", "TimestepEmbedding", "dense", "conv", "config_from_dict"]
+           "Upsample2D", "TimestepEmbedding", "GroupNorm", "dense", "conv", "config_from_dict"]
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum", "chunked", "native")
 
@@ -208,10 +209,29 @@ def conv(features: int, kernel: int, name: str, dtype: Dtype, stride: int = 1, p
                    param_dtype=jnp.float32, conv_general_dilated=_conv_general_dilated, name=name)
 
 
-def group_norm(num_groups: int, epsilon: float, name: str, dtype: Dtype) -> nn.GroupNorm:
-    """``torch.nn.GroupNorm`` on NHWC / ``[B, N, C]`` (params ``scale``/``bias``), float32 two-pass stats."""
-    return nn.GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32,
-                        use_fast_variance=False, name=name)
+class GroupNorm(nn.Module):
+    """``torch.nn.GroupNorm`` on NHWC / ``[B, N, C]`` (params ``scale`` / ``bias``, as ``nn.GroupNorm``'s),
+    float32 two-pass statistics of ``x`` as given (as ``nn.GroupNorm``), optionally followed by SiLU
+    (``silu``); output cast to ``dtype``. On the CPU it runs tsjax's native fused kernels
+    (``tsjax.ops.group_norm``)."""
+
+    num_groups: int
+    epsilon: float
+    dtype: Dtype = jnp.float32
+    silu: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        y = native_group_norm.group_norm(x, scale, bias, groups=self.num_groups, eps=self.epsilon, silu=self.silu)
+        return y.astype(self.dtype)
+
+
+def group_norm(num_groups: int, epsilon: float, name: str, dtype: Dtype, silu: bool = False) -> GroupNorm:
+    """:class:`GroupNorm` (``silu``: fused SiLU after the normalisation)."""
+    return GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=dtype, silu=silu, name=name)
 
 
 def LayerNorm(epsilon: float, name: str, dtype: Dtype) -> nn.LayerNorm:  # noqa: N802 (factory)
@@ -520,11 +540,11 @@ class ResnetBlock2D(nn.Module):
 
     @nn.compact
     def __call__(self, x, temb=None):
-        h = nn.silu(group_norm(self.groups, self.eps, "norm1", self.dtype)(x))
+        h = group_norm(self.groups, self.eps, "norm1", self.dtype, silu=True)(x)
         h = conv(self.out_channels, 3, "conv1", self.dtype)(h)
         if temb is not None:
             h = h + dense(self.out_channels, "time_emb_proj", self.dtype)(nn.silu(temb))[:, None, None, :]
-        h = nn.silu(group_norm(self.groups, self.eps, "norm2", self.dtype)(h))
+        h = group_norm(self.groups, self.eps, "norm2", self.dtype, silu=True)(h)
         h = conv(self.out_channels, 3, "conv2", self.dtype)(h)
         if x.shape[-1] != self.out_channels:
             x = conv(self.out_channels, 1, "conv_shortcut", self.dtype)(x)

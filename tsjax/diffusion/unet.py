@@ -291,7 +291,7 @@ class UNet2DConditionModel(nn.Module):
             block_skips, skips = skips[-k:], skips[:-k]
             x = _UpBlock(rev_ch[i], k, rev_heads[i] if btype == "CrossAttnUpBlock2D" else None, rev_depths[i],
                          i < n - 1, cfg, impl, dt, name=f"up_blocks_{i}")(x, block_skips, temb, ctx)
-        x = nn.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, "conv_norm_out", dt)(x))
+        x = group_norm(cfg.norm_num_groups, cfg.norm_eps, "conv_norm_out", dt, silu=True)(x)
         return conv(cfg.out_channels, 3, "conv_out", dt)(x)
 
     def param_shapes(self, batch: int = 1, seq_len: int = 8) -> dict:

@@ -210,7 +210,7 @@ class Encoder(nn.Module):
             x = _DownEncoderBlock(ch, cfg.layers_per_block, cfg.norm_num_groups, i < len(boc) - 1, dt,
                                   name=f"down_blocks_{i}")(x)
         x = _MidBlock(boc[-1], cfg.norm_num_groups, cfg.mid_block_add_attention, self.impl, dt, name="mid_block")(x)
-        x = nn.silu(group_norm(cfg.norm_num_groups, _EPS, "conv_norm_out", dt)(x))
+        x = group_norm(cfg.norm_num_groups, _EPS, "conv_norm_out", dt, silu=True)(x)
         return conv(2 * cfg.latent_channels, 3, "conv_out", dt)(x)
 
 
@@ -230,7 +230,7 @@ class Decoder(nn.Module):
         for i, ch in enumerate(rev):
             x = _UpDecoderBlock(ch, cfg.layers_per_block + 1, cfg.norm_num_groups, i < len(rev) - 1, dt,
                                 name=f"up_blocks_{i}")(x)
-        x = nn.silu(group_norm(cfg.norm_num_groups, _EPS, "conv_norm_out", dt)(x))
+        x = group_norm(cfg.norm_num_groups, _EPS, "conv_norm_out", dt, silu=True)(x)
         return conv(cfg.out_channels, 3, "conv_out", dt)(x)
 
 

@@ -20,11 +20,13 @@ _IDS_TARGET = "tsjax_rasterize_ids"  # ids only (CPU); other platforms slice the
 _ROWS_TARGETS = ("tsjax_gather_rows", "tsjax_scatter_add_rows")
 _CONV_TARGETS = ("tsjax_conv_forward", "tsjax_conv_kernel_grad")
 _CONV_BF16_TARGET = "tsjax_conv_forward_bf16"
+_GROUP_NORM_TARGETS = ("tsjax_group_norm_forward", "tsjax_group_norm_backward")
 _ATTENTION_TARGETS = ("tsjax_attention_forward", "tsjax_attention_backward")
 _CPU_EXTRA = ((_ROWS_TARGETS[0], "TsjaxGatherRowsCpu"), (_ROWS_TARGETS[1], "TsjaxScatterAddRowsCpu"),
               (_IDS_TARGET, "TsjaxRasterizeIdsCpu"), (_CONV_TARGETS[0], "TsjaxConvForwardCpu"),
               (_CONV_TARGETS[1], "TsjaxConvKernelGradCpu"), (_ATTENTION_TARGETS[0], "TsjaxAttentionForwardCpu"),
-              (_ATTENTION_TARGETS[1], "TsjaxAttentionBackwardCpu"), (_CONV_BF16_TARGET, "TsjaxConvForwardBf16Cpu"))
+              (_ATTENTION_TARGETS[1], "TsjaxAttentionBackwardCpu"), (_CONV_BF16_TARGET, "TsjaxConvForwardBf16Cpu"),
+              (_GROUP_NORM_TARGETS[0], "TsjaxGroupNormForwardCpu"), (_GROUP_NORM_TARGETS[1], "TsjaxGroupNormBackwardCpu"))
 
 
 @functools.cache
@@ -67,11 +69,12 @@ def rows_available() -> bool:
 
 
 def cpu_isa() -> int:
-    """Instruction set of the native CPU convolution and attention kernels: 0 = not available (library not
+    """Instruction set of the native CPU convolution, attention and GroupNorm kernels: 0 = not available (library not
     built, or a CPU without AVX2+FMA), 1 = AVX2+FMA (8 floats a vector), 2 = AVX-512F (16)
     (``TSJAX_CPU_ISA=avx2`` when the library is loaded caps it at 1)."""
     done = _load()
-    return done.get("cpu_isa", 0) if all(done.get(t, False) for t in _CONV_TARGETS + _ATTENTION_TARGETS) else 0
+    targets = _CONV_TARGETS + _ATTENTION_TARGETS + _GROUP_NORM_TARGETS
+    return done.get("cpu_isa", 0) if all(done.get(t, False) for t in targets) else 0
 
 
 def cpu_amx_bf16() -> bool:
