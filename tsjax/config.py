@@ -301,12 +301,15 @@ class PerfConfig:
 
     compute_dtype: compute dtype of the frozen priors, the VAE and the LoRA UNet: ``"float32"``,
       ``"bfloat16"`` (frozen weights stored in bf16, trainable LoRA/geometry weights stay float32
-      masters, losses and optimiser in float32) or ``"auto"`` (bf16 on GPU/TPU, float32 on CPU, where
-      XLA has no fast bf16 kernels).
+      masters, losses and optimiser in float32) or ``"auto"`` (bf16 on GPU/TPU, float32 on CPU, so that
+      the CPU presets give the same results on every CPU). On a CPU with AMX-BF16, ``"bfloat16"`` runs
+      the convolutions on AMX tiles and the dense layers as bf16 x bf16 -> f32 dots (``tsjax.ops.conv``,
+      ``tsjax.diffusion.layers.dense``): the mid-shape guidance ~1.7x faster than float32
+      (bench/README.md); without AMX, XLA:CPU's bf16 kernels are no faster than float32.
     fuse_unet_passes: run weight-sharing UNet passes batched (reference prior: cond/uncond x
       colour/normal in one call; concept prior once; LoRA inference once; LoRA training once).
-    attention_impl: ``"auto"`` (cuDNN fused attention on GPU for bf16, XLA otherwise), ``"xla"``,
-      ``"cudnn"``, ``"einsum"`` (``tsjax.diffusion.layers.attention``).
+    attention_impl: ``"auto"`` (cuDNN fused attention on GPU for bf16, tsjax's native flash attention on
+      CPU, XLA otherwise), ``"xla"``, ``"cudnn"``, ``"einsum"`` (``tsjax.diffusion.layers.attention``).
     single_extraction: one marching-tets extraction per step shared by all renders and regularisers
       (False: the distilled views and the contextual views each extract the surface, as the
       reference implementation does).

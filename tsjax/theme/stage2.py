@@ -218,7 +218,8 @@ def patch_features(_params: Any, images: jax.Array, *, patch: int = 5, stride: i
 
 
 def resolve_dtype(perf: PerfConfig):
-    """The compute dtype ``perf`` asks for (``"auto"``: bfloat16 on GPU/TPU, float32 on CPU)."""
+    """The compute dtype ``perf`` asks for (``"auto"``: bfloat16 on GPU/TPU, float32 on CPU; see
+    ``PerfConfig.compute_dtype``)."""
     name = perf.compute_dtype
     if name == "auto":
         name = "bfloat16" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "float32"
