@@ -36,9 +36,10 @@ of each dtype, so that at most three workers hold memory),
 peak memory (``peak_rss_mb``: the process's resident high-water mark
 ``VmHWM`` over the first call and the timed steps, reset after compilation via ``/proc/self/clear_refs``;
 ``step_mem_mb``: that peak minus the resident size just before the first call, i.e. the working memory
-of a step beyond weights/state), ``gflop_per_step`` (XLA ``compiled.cost_analysis()['flops']`` summed
-over the step's programs; the rasterizer FFI custom call counts 0, which is negligible next to the
-UNets) and ``utilisation`` = ``gflop_per_step / step_s_median / peak`` with ``peak`` the float32 matmul
+of a step beyond weights/state), ``gflop_per_step`` (XLA ``cost_analysis()['flops']`` summed over the step's
+programs, counted by :func:`xla_path_flops` on the same programs traced with the native CPU conv /
+attention / GroupNorm kernels off, because XLA counts an FFI custom call as 0 FLOPs; the rasterizer
+custom call is still counted as 0, which is negligible next to the UNets) and ``utilisation`` = ``gflop_per_step / step_s_median / peak`` with ``peak`` the float32 matmul
 GFLOP/s measured in the same run (``jnp.dot`` 2048^2, best of 5, same thread count), stated in each row.
 
 PyTorch guidance peer (``--peer``, tiny and mid; ``--peer-dtypes float32,bfloat16``): the guidance part
@@ -323,6 +324,34 @@ def step_programs(spec, opt):
     return progs, call
 
 
+FLOPS_SOURCE = "lowered HLO on the XLA paths (native CPU kernels off), pre-optimisation"
+_NATIVE_SWITCHES = ("TSJAX_NATIVE_CONV", "TSJAX_NATIVE_ATTENTION", "TSJAX_NATIVE_GROUP_NORM")
+
+
+def xla_path_flops(fn, args) -> float:
+    """XLA's FLOP count of ``fn(*args)`` (a ``jax.jit`` function) traced with tsjax's native CPU kernels
+    off: the same computation on XLA's own conv/attention/GroupNorm ops, whose FLOPs XLA can count (the
+    native kernels are FFI custom calls, which ``cost_analysis()`` counts as 0). Pre-optimisation HLO of
+    a fresh trace (a new wrapper, so no cached trace with the custom calls is reused); lowering only."""
+    import os
+
+    import jax
+
+    saved = {k: os.environ.get(k) for k in _NATIVE_SWITCHES}
+    os.environ.update({k: "0" for k in _NATIVE_SWITCHES})
+    try:
+        inner = getattr(fn, "__wrapped__", fn)
+        ca = jax.jit(lambda *a: inner(*a)).lower(*args).cost_analysis()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    return float(ca.get("flops", 0.0))
+
+
 def compile_programs(progs, state, inputs, key):
     """AOT-compile every program: ``(compiled list, lower_s, compile_s, flops, memory dict)``."""
     compiled, lower_s, compile_s, flops = [], 0.0, 0.0, 0.0
@@ -335,9 +364,7 @@ def compile_programs(progs, state, inputs, key):
         t2 = time.perf_counter()
         lower_s += t1 - t0
         compile_s += t2 - t1
-        ca = c.cost_analysis()
-        ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-        flops += float(ca.get("flops", 0.0))
+        flops += xla_path_flops(fn, args(state, inputs, key))
         try:
             ma = c.memory_analysis()
             mem["argument_mb"] += ma.argument_size_in_bytes / 2**20
@@ -389,14 +416,12 @@ def worker_paper(variant: str, paper_grid: int, do_compile: bool) -> None:
             t0 = time.perf_counter()
             lw = fn.lower(*args(state, inputs, key))
             lower_s += time.perf_counter() - t0
-            ca = lw.cost_analysis()
-            ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-            flops += float(ca.get("flops", 0.0))
-        rec.update(lower_s=lower_s, flops=flops, flops_source="lowered (pre-optimisation HLO)")
+            flops += xla_path_flops(fn, args(state, inputs, key))
+        rec.update(lower_s=lower_s, flops=flops, flops_source=FLOPS_SOURCE)
     else:
         _, lower_s, compile_s, flops, mem = compile_programs(progs, state, inputs, key)
         rec.update(lower_s=lower_s, compile_s=compile_s, flops=flops, xla_memory=mem,
-                   flops_source="compiled.cost_analysis()")
+                   flops_source=FLOPS_SOURCE)
     rec["param_count_unet_m"] = round(sum(x.size for x in jax.tree_util.tree_leaves(inputs.lora_base)) / 1e6, 1)
     emit_result(rec)
 
@@ -478,8 +503,7 @@ def worker_guid_tsjax(shape: str, root: Path, dtype: str) -> None:
     t0 = time.perf_counter()
     compiled = f.lower(train, opt_state, frozen, data).compile()
     compile_s = time.perf_counter() - t0
-    ca = compiled.cost_analysis()
-    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    flops = xla_path_flops(f, (train, opt_state, frozen, data))
     reset_ok = reset_peak()
     rss0 = status_mb("VmRSS")
     t0 = time.perf_counter()
@@ -489,7 +513,7 @@ def worker_guid_tsjax(shape: str, root: Path, dtype: str) -> None:
              gxc=np.asarray(gxc, np.float32), gxn=np.asarray(gxn, np.float32),
              **{"term_" + k: np.asarray(v, np.float32) for k, v in terms.items()})
     train, opt_state = jax.block_until_ready(compiled(train, opt_state, frozen, data))[:2]  # warm-up
-    emit_result({"compile_s": compile_s, "first_call_s": first, "flops": float(ca.get("flops", 0.0))})
+    emit_result({"compile_s": compile_s, "first_call_s": first, "flops": flops})
     cur = {"train": train, "opt_state": opt_state}
 
     def step():
@@ -804,7 +828,8 @@ def main(argv=None) -> int:
                     rec.update(framework=n.split(":")[1], dtype=n.split(":")[2])
                 if "flops" in s:
                     gf = s["flops"] / 1e9
-                    rec.update(gflop_per_step=round(gf, 2), peak_gflops_assumed=round(peak_gflops, 1),
+                    rec.update(gflop_per_step=round(gf, 2), flops_source=FLOPS_SOURCE,
+                               peak_gflops_assumed=round(peak_gflops, 1),
                                utilisation=round(gf / (statistics.median(ts)) / peak_gflops, 4))
                 if n.startswith("guid:torch"):
                     rec.update(torch_threads=s["torch_threads"], trainable_params=s["trainable_params"],
