@@ -41,8 +41,10 @@ validator:
 demo: build
 	$(PY) -m tsjax.optimize --out $(OUT) --overwrite
 
+# pytest exits 5 when the selection (e.g. PYTEST_ARGS="-m gpu" on a CPU machine) collected no test: not a failure.
 test: install-test build validator
-	$(PY) -m pytest -n 2 --dist loadfile --durations=15 $(PYTEST_ARGS)
+	@$(PY) -m pytest -n 2 --dist loadfile --durations=15 $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest selected no tests (exit 5): not a failure"; exit 0; fi; exit $$rc
 
 bench: install-test build
 	$(PY) bench/raster.py
