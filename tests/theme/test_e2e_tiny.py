@@ -13,7 +13,9 @@ distance (unlit albedo turntable vs the exemplars' renders, Lab sliced W1, lower
 6.18 / 5.80 / 5.71, DSD 6.15 / 5.65 / 5.68; with the native GroupNorm kernel (``2668ba8``, same math to
 ~1e-6) concept only 5.99 / 5.88 / 5.60, DSD 6.28 / 6.27 / 5.95, ref_dominated 6.29 / 7.27 / 6.46; with the
 reference prior trained 300 steps on 12 renders instead of 100 on 8, concept only 6.79 / 6.54 / 6.39,
-DSD 6.48 / 7.27 / 6.38. A check on these numbers would pass or fail by chance.
+DSD 6.48 / 7.27 / 6.38. A check on these numbers would pass or fail by chance. On the full tiny preset
+(the ``make demo`` run's shared stages, 300 steps, stage-2 seeds 0 / 1 / 2 / 3) the reference prior moves
+the palette slightly away instead: concept only 7.02 / 6.93 / 7.28 / 7.19, DSD 7.56 / 7.33 / 7.63 / 7.13.
 """
 import json
 
