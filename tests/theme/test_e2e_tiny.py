@@ -9,8 +9,8 @@ Not asserted here: that the result's palette is closer to the exemplars' with th
 without it (``guidance.mode=concept_only``). At this reduced size the difference is smaller than the
 spread over stage-2 seeds and over numerically equivalent kernels, and its sign is not stable. Palette
 distance (unlit albedo turntable vs the exemplars' renders, Lab sliced W1, lower = closer), stage-2 seeds
-0 / 1 / 2 on the same shared stages: with XLA's GroupNorm (``ead81b5``) concept prior only
-6.18 / 5.80 / 5.71, DSD 6.15 / 5.65 / 5.68; with the native GroupNorm kernel (``2668ba8``, same math to
+0 / 1 / 2 on the same shared stages: with XLA's conv, attention and GroupNorm (``ead81b5``) concept only
+6.18 / 5.80 / 5.71, DSD 6.15 / 5.65 / 5.68; with the native CPU kernels (``2668ba8``, same math to
 ~1e-6) concept only 5.99 / 5.88 / 5.60, DSD 6.28 / 6.27 / 5.95, ref_dominated 6.29 / 7.27 / 6.46; with the
 reference prior trained 300 steps on 12 renders instead of 100 on 8, concept only 6.79 / 6.54 / 6.39,
 DSD 6.48 / 7.27 / 6.38. A check on these numbers would pass or fail by chance. On the full tiny preset
