@@ -77,6 +77,13 @@ def cpu_isa() -> int:
     return done.get("cpu_isa", 0) if all(done.get(t, False) for t in targets) else 0
 
 
+def cpu_vector_width() -> int:
+    """Floats per vector of the native CPU kernels' instruction set (:func:`cpu_isa`): 16 with AVX-512F, 8
+    with AVX2+FMA, 0 when they are not available. Attention head dims and GroupNorm channel counts must be
+    multiples of it."""
+    return {0: 0, 1: 8}.get(cpu_isa(), 16)
+
+
 def cpu_amx_bf16() -> bool:
     """True when the bfloat16 convolution on Intel AMX tiles is built and usable: a CPU with AMX-BF16 and
     AVX512-BF16 whose OS granted the tile state (``TSJAX_CPU_ISA=avx2|avx512`` when the library is loaded

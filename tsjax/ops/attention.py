@@ -43,7 +43,7 @@ def native_eligible(q_shape, k_shape) -> bool:
         return False
     from tsjax.ops import _ffi
 
-    return q_shape[-1] % (16 if _ffi.cpu_isa() >= 2 else 8) == 0
+    return q_shape[-1] % _ffi.cpu_vector_width() == 0
 
 
 def _xla_attention(q, k, v):

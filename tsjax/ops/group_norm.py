@@ -32,9 +32,8 @@ def native_eligible(x_shape, dtype, groups: int) -> bool:
         return False
     from tsjax.ops import _ffi
 
-    isa = _ffi.cpu_isa()
-    c = x_shape[-1]
-    return isa > 0 and c % groups == 0 and c % (16 if isa >= 2 else 8) == 0
+    width, c = _ffi.cpu_vector_width(), x_shape[-1]
+    return width > 0 and c % groups == 0 and c % width == 0
 
 
 def _reference(x, scale, bias, groups, eps, silu):
