@@ -22,11 +22,13 @@ constexpr int64_t kMc = 16 * kMr;
 constexpr int64_t kKc = 1024;
 // Output maps of at most this many pixels (all images) are one chunk, each panel packed by its item.
 constexpr int64_t kSmallM = 64 * kMr;
-// Kernel gradient: a work item is one tap x kCiBlock input channels x one panel; its pixels are summed
-// in chunks of about kPixChunk so that the chunk's x and dy rows stay in L2 across the kCiBlock / kMr
-// micro-tiles.
+// Kernel gradient: a work item is about kCiBlock input channels x one panel x a group of taps (all taps
+// unless that leaves fewer than kMinGradItems items); it walks the output pixels once, in chunks of
+// about kPixChunk, and every tap and kMr-channel micro-tile of the item reads the chunk while it is in
+// cache (each of x and dy is read from memory about once per panel / input block, not once per tap).
 constexpr int64_t kCiBlock = 16 * kMr;
-constexpr int64_t kPixChunk = 512;
+constexpr int64_t kPixChunk = 128;
+constexpr int64_t kMinGradItems = 8;
 
 struct AlignedFree {
   void operator()(float* p) const { std::free(p); }
@@ -163,59 +165,83 @@ void ConvKernelGradCpu(const ConvParams& p, const float* x, const float* dy, flo
                        const ParallelFor& parallel_for) {
   const int64_t taps = p.kh * p.kw;
   const int64_t npan = CeilDiv(p.co, kPanel), ncib = CeilDiv(p.ci, kCiBlock);
-  auto tile_fn = isa == CpuIsa::kAvx512 ? conv_detail::GradTileAvx512 : conv_detail::GradTileAvx2;
-  parallel_for(taps * ncib * npan, [&](int64_t item) {
-    const int64_t t = item / (ncib * npan), cib = (item / npan) % ncib, pn = item % npan;
-    const int64_t i = t / p.kw, j = t % p.kw;
-    const int64_t ci0 = cib * kCiBlock, nci = std::min(kCiBlock, p.ci - ci0);
-    const int64_t n0 = pn * kPanel;
-    const int nvec16 = static_cast<int>(std::min<int64_t>(kPanel, p.co - n0) / 16);
-    // Runs: per output row, the output pixels whose input pixel for tap (i, j) is inside the image.
-    int64_t wlo, whi;
-    ValidRange(j - p.pw, p.sw, p.w, p.wo, &wlo, &whi);
-    std::vector<GradRun> runs;
-    std::vector<size_t> chunk_end;  // runs are summed in chunks of about kPixChunk pixels
-    int64_t in_chunk = 0;
-    if (whi > wlo) {
-      for (int64_t b = 0; b < p.batch; ++b) {
-        for (int64_t ho = 0; ho < p.ho; ++ho) {
-          const int64_t hi = ho * p.sh + i - p.ph;
-          if (hi < 0 || hi >= p.h) continue;
-          for (int64_t s = wlo; s < whi; s += kPixChunk) {
-            GradRun r;
-            r.n = std::min(kPixChunk, whi - s);
-            r.x0 = x + ((b * p.h + hi) * p.w + s * p.sw + j - p.pw) * p.ci;
-            r.xstride = p.sw * p.ci;
-            r.dy0 = dy + ((b * p.ho + ho) * p.wo + s) * p.co;
-            r.dystride = p.co;
-            if (in_chunk + r.n > kPixChunk && in_chunk > 0) {
-              chunk_end.push_back(runs.size());
-              in_chunk = 0;
-            }
-            runs.push_back(r);
-            in_chunk += r.n;
-          }
+  // Input-channel blocks of about equal size (multiples of kMr), so that work items are balanced.
+  const int64_t cib_size = CeilDiv(CeilDiv(p.ci, ncib), kMr) * kMr;
+  // Taps are split into groups only when there are too few (input block, panel) items to share out.
+  int64_t ngroups = 1;
+  while (ngroups < taps && ncib * npan * ngroups < kMinGradItems) ++ngroups;
+  const int64_t tpg = CeilDiv(taps, ngroups);
+  ngroups = CeilDiv(taps, tpg);
+  // Output-row segments of at most kPixChunk pixels, in pixel order, grouped into chunks of about
+  // kPixChunk pixels (a segment is never split): the chunk's dy rows stay in L1 / L2 while every tap and
+  // input-channel micro-tile of the item reads them.
+  struct Seg {
+    int64_t b, ho, s, n;
+  };
+  std::vector<Seg> segs;
+  std::vector<size_t> chunk_end;
+  int64_t in_chunk = 0;
+  for (int64_t b = 0; b < p.batch; ++b)
+    for (int64_t ho = 0; ho < p.ho; ++ho)
+      for (int64_t s = 0; s < p.wo; s += kPixChunk) {
+        const int64_t n = std::min(kPixChunk, p.wo - s);
+        if (in_chunk + n > kPixChunk && in_chunk > 0) {
+          chunk_end.push_back(segs.size());
+          in_chunk = 0;
         }
+        segs.push_back({b, ho, s, n});
+        in_chunk += n;
       }
-    }
-    chunk_end.push_back(runs.size());
-    const int64_t nsub = CeilDiv(nci, kMr);
-    AlignedBuf acc = Alloc(nsub * kMr * kPanel);
-    std::memset(acc.get(), 0, nsub * kMr * kPanel * sizeof(float));
-    size_t r0 = 0;
-    for (size_t r1 : chunk_end) {
-      if (r1 > r0) {
+  chunk_end.push_back(segs.size());
+  // Per tap: the output columns whose input column is inside the image.
+  std::vector<int64_t> wlo(taps), whi(taps);
+  for (int64_t t = 0; t < taps; ++t) ValidRange(t % p.kw - p.pw, p.sw, p.w, p.wo, &wlo[t], &whi[t]);
+  auto tile_fn = isa == CpuIsa::kAvx512 ? conv_detail::GradTileAvx512 : conv_detail::GradTileAvx2;
+
+  parallel_for(ngroups * ncib * npan, [&](int64_t item) {
+    const int64_t g = item / (ncib * npan), cib = (item / npan) % ncib, pn = item % npan;
+    const int64_t t0 = g * tpg, nt = std::min(tpg, taps - t0);
+    const int64_t ci0 = cib * cib_size, nci = std::min(cib_size, p.ci - ci0);
+    const int64_t n0 = pn * kPanel, nsub = CeilDiv(nci, kMr);
+    const int nvec16 = static_cast<int>(std::min<int64_t>(kPanel, p.co - n0) / 16);
+    // acc[t][c][0:64]: this item's block of dw for tap t0 + t, input channel ci0 + c.
+    const int64_t tap_acc = nsub * kMr * kPanel;
+    AlignedBuf acc = Alloc(nt * tap_acc);
+    std::memset(acc.get(), 0, nt * tap_acc * sizeof(float));
+    std::vector<GradRun> runs;
+    size_t q0 = 0;
+    for (size_t q1 : chunk_end) {
+      for (int64_t t = t0; t < t0 + nt; ++t) {
+        if (whi[t] <= wlo[t]) continue;
+        const int64_t i = t / p.kw, j = t % p.kw;
+        runs.clear();
+        for (size_t q = q0; q < q1; ++q) {
+          const Seg& sg = segs[q];
+          const int64_t hi = sg.ho * p.sh + i - p.ph;
+          const int64_t lo = std::max(sg.s, wlo[t]), up = std::min(sg.s + sg.n, whi[t]);
+          if (hi < 0 || hi >= p.h || lo >= up) continue;
+          GradRun r;
+          r.n = up - lo;
+          r.x0 = x + ((sg.b * p.h + hi) * p.w + lo * p.sw + j - p.pw) * p.ci;
+          r.xstride = p.sw * p.ci;
+          r.dy0 = dy + ((sg.b * p.ho + sg.ho) * p.wo + lo) * p.co;
+          r.dystride = p.co;
+          runs.push_back(r);
+        }
+        if (runs.empty()) continue;
         for (int64_t s = 0; s < nsub; ++s) {
           const int mr = static_cast<int>(std::min<int64_t>(kMr, nci - s * kMr));
-          tile_fn(runs.data() + r0, static_cast<int>(r1 - r0), ci0 + s * kMr, n0, mr, nvec16,
-                  acc.get() + s * kMr * kPanel);
+          tile_fn(runs.data(), static_cast<int>(runs.size()), ci0 + s * kMr, n0, mr, nvec16,
+                  acc.get() + (t - t0) * tap_acc + s * kMr * kPanel);
         }
       }
-      r0 = r1;
+      q0 = q1;
     }
     const int64_t ncols = nvec16 * 16;
-    for (int64_t c = 0; c < nci; ++c)
-      std::memcpy(dw + (t * p.ci + ci0 + c) * p.co + n0, acc.get() + c * kPanel, ncols * sizeof(float));
+    for (int64_t t = 0; t < nt; ++t)
+      for (int64_t c = 0; c < nci; ++c)
+        std::memcpy(dw + ((t0 + t) * p.ci + ci0 + c) * p.co + n0, acc.get() + t * tap_acc + c * kPanel,
+                    ncols * sizeof(float));
   });
 }
 
