@@ -304,7 +304,7 @@ class PerfConfig:
       masters, losses and optimiser in float32) or ``"auto"`` (bf16 on GPU/TPU, float32 on CPU, so that
       the CPU presets give the same results on every CPU). On a CPU with AMX-BF16, ``"bfloat16"`` runs
       the convolutions on AMX tiles and the dense layers as bf16 x bf16 -> f32 dots (``tsjax.ops.conv``,
-      ``tsjax.diffusion.layers.dense``): the mid-shape guidance ~1.7x faster than float32
+      ``tsjax.diffusion.layers.dense``): the mid-shape guidance 1.6-1.7x faster than float32
       (bench/README.md); without AMX, XLA:CPU's bf16 kernels are no faster than float32.
     fuse_unet_passes: run weight-sharing UNet passes batched (reference prior: cond/uncond x
       colour/normal in one call; concept prior once; LoRA inference once; LoRA training once).

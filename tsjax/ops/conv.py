@@ -10,7 +10,8 @@ FFI calls into ``csrc/kernels/conv_cpu*.cc`` (AVX-512F or AVX2+FMA, chosen at ru
 * input gradient (stride 1): the forward of ``dy`` with the spatially flipped, in/out-transposed kernel
   and padding ``k - 1 - p``, the kernel read that way by the kernels themselves (other strides, or a
   ``Cin`` that is not a multiple of 16: XLA's);
-* kernel gradient: ``dw[i, j] = sum over pixels of x[shifted]^T dy``, per tap, in the same kernels.
+* kernel gradient: ``dw[i, j] = sum over pixels of x[shifted]^T dy``, in the same micro-kernels, every tap
+  summed in one pass over the pixels (128-pixel chunks read while in cache).
 
 float32, float32 accumulation; results do not depend on the thread count. bfloat16 operands of a stride-1
 conv run on Intel AMX tiles where the CPU has them (``_ffi.cpu_amx_bf16``: forward and input gradient
