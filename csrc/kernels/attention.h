@@ -8,8 +8,8 @@
 //   backward  p = exp(scale * q k^T - lse),  delta = rowsum(do * o),  ds = scale * p * (do v^T - delta)
 //             dq = ds k,  dk = ds^T q,  dv = p^T do
 //
-// over key blocks of kBc and query blocks of kBr rows (online softmax in the forward, the weights
-// recomputed from lse in the backward). Layouts: q, o, do, dq [B, N, H, D]; k, v, dk, dv [B, M, H, D];
+// over blocks of keys and query rows (forward: up to kFcMax keys x kFr rows, online softmax; backward:
+// kBc keys x kBr rows, the weights recomputed from lse). Layouts: q, o, do, dq [B, N, H, D]; k, v, dk, dv [B, M, H, D];
 // lse [B, H, N]; all float32, D a multiple of the vector width (16 with AVX-512F, 8 with AVX2). Work
 // items are (b, h) pairs; results do not depend on the thread count.
 #pragma once
