@@ -90,6 +90,71 @@ std::vector<KBlock> KBlocks(int64_t taps, int64_t ci) {
   return kb;
 }
 
+// Kernel gradient of a 1x1, stride-1, unpadded conv: one GEMM, dw[ci, co] = sum_k x[k, ci] dy[k, co] over
+// the kk = batch * h * w pixels (a dense layer's weight gradient: tsjax/diffusion/layers.py sends those
+// here). In place, x's and dy's rows are read at a stride of ci / co floats, a power of two in the
+// UNets, so a block of rows maps onto a few L1 sets and evicts itself; this path copies each block of
+// kKcDense pixels into contiguous buffers first (GotoBLAS-style): dy's panels as [panel][kc][64] once
+// per block for all the item's input channels, then per kCiBlock-sized input block x's columns as
+// [kc][nci], and runs the kernel-gradient micro-tiles over them, accumulating in a per-item buffer.
+// Work item: (a run of input blocks, a group of up to kDensePanels panels), at least kDenseItems items
+// where the shape allows.
+constexpr int64_t kKcDense = 64;
+constexpr int64_t kDensePanels = 8;
+constexpr int64_t kDenseItems = 4;
+
+void DenseKernelGrad(int64_t kk, int64_t ci, int64_t co, const float* x, const float* dy, float* dw, CpuIsa isa,
+                     const ParallelFor& parallel_for) {
+  const int64_t npan = CeilDiv(co, kPanel), ncib = CeilDiv(ci, kCiBlock);
+  const int64_t cib_size = CeilDiv(CeilDiv(ci, ncib), kMr) * kMr;
+  const int64_t ngrp = CeilDiv(npan, kDensePanels);
+  const int64_t per_sb = CeilDiv(ncib, std::min(ncib, CeilDiv(kDenseItems, ngrp)));  // input blocks per item
+  const int64_t nsb = CeilDiv(ncib, per_sb);
+  auto tile_fn = isa == CpuIsa::kAvx512 ? conv_detail::GradTileAvx512 : conv_detail::GradTileAvx2;
+  const int64_t kcb = kKcDense;
+  parallel_for(nsb * ngrp, [&](int64_t item) {
+    const int64_t sb = item / ngrp, grp = item % ngrp;
+    const int64_t ci_lo = sb * per_sb * cib_size, ci_hi = std::min(ci, (sb + 1) * per_sb * cib_size);
+    const int64_t p0 = grp * kDensePanels, np = std::min(kDensePanels, npan - p0);
+    const int64_t nsub_max = CeilDiv(cib_size, kMr), tile_acc = nsub_max * kMr * kPanel;
+    const int64_t nblk = CeilDiv(ci_hi - ci_lo, cib_size);
+    thread_local std::vector<float> buf;
+    const size_t need = static_cast<size_t>(kcb * (cib_size + np * kPanel) + nblk * np * tile_acc);
+    if (buf.size() < need) buf.resize(need);
+    float* const ap = buf.data();               // [kc][nci]: one input block's columns of x
+    float* const bp = ap + kcb * cib_size;      // [np][kc][kPanel]: dy's panels p0 .. p0 + np
+    float* const acc = bp + kcb * np * kPanel;  // [block][np][nsub_max * kMr][kPanel]
+    std::memset(acc, 0, nblk * np * tile_acc * sizeof(float));
+    for (int64_t k0 = 0; k0 < kk; k0 += kcb) {
+      const int64_t kc = std::min(kcb, kk - k0);
+      for (int64_t q = 0; q < np; ++q) {
+        const int64_t n0 = (p0 + q) * kPanel, ncols = std::min<int64_t>(kPanel, co - n0) / 16 * 16;
+        for (int64_t k = 0; k < kc; ++k)
+          std::memcpy(bp + (q * kcb + k) * kPanel, dy + (k0 + k) * co + n0, ncols * sizeof(float));
+      }
+      for (int64_t blk = 0; blk < nblk; ++blk) {
+        const int64_t ci0 = ci_lo + blk * cib_size, nci = std::min(cib_size, ci_hi - ci0), nsub = CeilDiv(nci, kMr);
+        for (int64_t k = 0; k < kc; ++k) std::memcpy(ap + k * nci, x + (k0 + k) * ci + ci0, nci * sizeof(float));
+        for (int64_t q = 0; q < np; ++q) {
+          const int nvec16 = static_cast<int>(std::min<int64_t>(kPanel, co - (p0 + q) * kPanel) / 16);
+          const GradRun run{ap, nci, bp + q * kcb * kPanel, kPanel, kc};
+          float* acc_q = acc + (blk * np + q) * tile_acc;
+          for (int64_t s = 0; s < nsub; ++s)
+            tile_fn(&run, 1, s * kMr, 0, static_cast<int>(std::min<int64_t>(kMr, nci - s * kMr)), nvec16,
+                    acc_q + s * kMr * kPanel);
+        }
+      }
+    }
+    for (int64_t blk = 0; blk < nblk; ++blk)
+      for (int64_t q = 0; q < np; ++q) {
+        const int64_t ci0 = ci_lo + blk * cib_size, nci = std::min(cib_size, ci_hi - ci0);
+        const int64_t n0 = (p0 + q) * kPanel, ncols = std::min<int64_t>(kPanel, co - n0) / 16 * 16;
+        for (int64_t c = 0; c < nci; ++c)
+          std::memcpy(dw + (ci0 + c) * co + n0, acc + (blk * np + q) * tile_acc + c * kPanel, ncols * sizeof(float));
+      }
+  });
+}
+
 }  // namespace
 
 void ConvForwardCpu(const ConvParams& p, const float* x, const float* w, float* y, CpuIsa isa,
@@ -164,6 +229,8 @@ void ConvForwardCpu(const ConvParams& p, const float* x, const float* w, float* 
 void ConvKernelGradCpu(const ConvParams& p, const float* x, const float* dy, float* dw, CpuIsa isa,
                        const ParallelFor& parallel_for) {
   const int64_t taps = p.kh * p.kw;
+  if (taps == 1 && p.sh == 1 && p.sw == 1 && p.ph == 0 && p.pw == 0 && p.ho == p.h && p.wo == p.w)
+    return DenseKernelGrad(p.batch * p.h * p.w, p.ci, p.co, x, dy, dw, isa, parallel_for);
   const int64_t npan = CeilDiv(p.co, kPanel), ncib = CeilDiv(p.ci, kCiBlock);
   // Input-channel blocks of about equal size (multiples of kMr), so that work items are balanced.
   const int64_t cib_size = CeilDiv(CeilDiv(p.ci, ncib), kMr) * kMr;

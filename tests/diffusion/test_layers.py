@@ -1,4 +1,5 @@
-"""Diffusion building blocks: attention implementations, timestep features, bf16 compute vs fp32, the CPU conv kernel gradient."""
+"""Diffusion building blocks: attention implementations, timestep features, bf16 compute vs fp32, the CPU conv
+kernel gradient, the CPU dense-layer weight gradient."""
 from __future__ import annotations
 
 import flax.linen as nn
@@ -141,3 +142,31 @@ def test_conv3x3_tap_path_limits(no_native_conv):
     assert not taken((1, 256, 256, 128), 32)     # Cout < 64
     assert not taken((1, 128, 128, 128), 128, kernel=1)
     assert not taken((1, 128, 128, 128), 128, stride=2)
+
+
+def test_dense_weight_gradient_routing_and_values(monkeypatch):
+    """float32 dense layers of <= 256 output features take their weight gradient from the native kernels on
+    CPU (``_dense_native_dw``): the same value and gradients as a plain ``nn.Dense``; wider layers, bf16
+    and ``TSJAX_NATIVE_DENSE=0`` keep XLA's."""
+    from tsjax.ops import conv as native_conv
+    if not native_conv.native_available():
+        pytest.skip("native CPU kernels not built or this CPU lacks AVX2+FMA")
+    x = jax.random.normal(jax.random.key(0), (2, 50, 96), jnp.float32)
+
+    def grads(m, dtype=jnp.float32):
+        p = m.init(jax.random.key(1), x)
+        f = jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(m.apply(p, x.astype(dtype)).astype(jnp.float32))),
+                             argnums=(0, 1)))
+        return f(p, x), f.lower(p, x).as_text()
+
+    (gp, gx), text = grads(layers.dense(128, "d", jnp.float32))
+    assert "tsjax_conv_kernel_grad" in text
+    (pp, px), plain_text = grads(nn.Dense(128, param_dtype=jnp.float32))
+    assert "tsjax_conv" not in plain_text
+    for a, b in ((gx, px), (gp["params"]["kernel"], pp["params"]["kernel"]), (gp["params"]["bias"], pp["params"]["bias"])):
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-6 * float(jnp.max(jnp.abs(b))))
+    assert "tsjax_conv" not in grads(layers.dense(512, "d", jnp.float32))[1]   # wider: XLA's is as fast
+    assert "tsjax_conv" not in grads(layers.dense(120, "d", jnp.float32))[1]   # not a multiple of 16
+    assert "tsjax_conv" not in grads(layers.dense(128, "d", jnp.bfloat16), jnp.bfloat16)[1]
+    monkeypatch.setenv("TSJAX_NATIVE_DENSE", "0")
+    assert "tsjax_conv" not in grads(layers.dense(128, "d", jnp.float32))[1]

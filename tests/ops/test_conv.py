@@ -28,6 +28,11 @@ CASES = [
     (1, 4, 4, 1100, 16, 3, 1, ((1, 1), (1, 1))),
     (1, 3, 600, 16, 16, 3, 1, ((1, 1), (1, 1))),
     (1, 7, 9, 16, 32, 3, 1, ((2, 0), (0, 2))),
+    # 1x1 kernel gradients take the packed GEMM (DenseKernelGrad): 300 pixels (four 64-pixel blocks and a
+    # remainder), 200 input channels (three input blocks, the last with a partial micro-tile), 560 output
+    # channels (two panel groups, a 48-channel last panel); 1100 input channels (four runs of input blocks)
+    (1, 10, 30, 200, 560, 1, 1, ((0, 0), (0, 0))),
+    (2, 3, 3, 1100, 16, 1, 1, ((0, 0), (0, 0))),
 ]
 
 
@@ -86,10 +91,12 @@ def _fwd_and_grads(x, w, stride, pad):
     return np.asarray(v), np.asarray(dx), np.asarray(dw)
 
 
-def test_native_conv_is_independent_of_threads_and_isa(monkeypatch):
+@pytest.mark.parametrize("case", [(2, 30, 17, 48, 96, 3, 1, ((1, 1), (1, 1))), (1, 10, 30, 200, 560, 1, 1, ((0, 0), (0, 0)))],
+                         ids=["3x3", "1x1-gemm"])
+def test_native_conv_is_independent_of_threads_and_isa(monkeypatch, case):
     """Every output element is summed in one fixed order: 1 thread, the pool's threads, AVX2 and AVX-512
     give bit-identical results."""
-    x, w, stride, pad = _operands((2, 30, 17, 48, 96, 3, 1, ((1, 1), (1, 1))), seed=5)
+    x, w, stride, pad = _operands(case, seed=5)
     base = _fwd_and_grads(x, w, stride, pad)
     runs = [("TSJAX_CPU_THREADS", "1")]
     if _ffi.cpu_isa() >= 2:
@@ -100,6 +107,21 @@ def test_native_conv_is_independent_of_threads_and_isa(monkeypatch):
         monkeypatch.delenv(key)
         for a, b in zip(base, other):
             np.testing.assert_array_equal(a, b)
+
+
+def test_matmul_tn_matches_float64():
+    """``matmul_tn`` (x^T dy, a dense layer's weight gradient) = the 1x1 kernel gradient: against float64
+    and XLA's product, for a token count below one block, odd sizes and many blocks."""
+    rng = np.random.default_rng(7)
+    for t, k, n in [(5, 7, 16), (154, 768, 128), (700, 131, 272)]:
+        x = rng.standard_normal((t, k)).astype(np.float32)
+        dy = rng.standard_normal((t, n)).astype(np.float32)
+        got = np.asarray(jax.jit(C.matmul_tn)(x, dy))
+        want = x.astype(np.float64).T @ dy.astype(np.float64)
+        xla = np.asarray(jnp.dot(x.T, dy))
+        scale = np.abs(want).max()
+        err, xla_err = np.abs(got - want).max() / scale, np.abs(xla - want).max() / scale
+        assert got.shape == (k, n) and err < 2e-6 and err < 4 * xla_err + 5e-7, (t, k, n, err, xla_err)
 
 
 def test_native_conv_under_vmap():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -80,6 +81,45 @@ def config_from_dict(cls: type, cfg: Mapping[str, Any], *, source: str, what: st
         raise ValueError(f"{source}: {e}") from None
 
 
+# float32 dense layers with at most this many output features (a multiple of 16) take their weight
+# gradient from the native kernels on the CPU (``_dense_native_dw``); TSJAX_NATIVE_DENSE=0 (read at trace
+# time) turns that off.
+_NATIVE_DW_MAX_OUT = 256
+
+
+@jax.custom_vjp
+def _dense_native_dw(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x @ w`` (``[T, K] x [K, N]``, float32) whose weight gradient ``x^T dy`` runs on tsjax's native
+    kernels on the CPU (``tsjax.ops.conv.matmul_tn``). XLA:CPU runs that transposed-operand product at
+    55-90 GFLOP/s on one Sapphire Rapids-class core for the UNets' narrow layers (``N`` <= 256, ``T`` 128-2048),
+    the packed native GEMM at 1.05-1.4x that (interleaved measurements, bench/README.md); at ``N`` >= 512 XLA's
+    is as fast or faster, so wider layers keep it. The value and the input gradient are XLA's; other
+    platforms use XLA's weight gradient too."""
+    return jax.lax.dot_general(x, w, (((1,), (0,)), ((), ())))
+
+
+def _dense_native_dw_fwd(x, w):
+    return _dense_native_dw(x, w), (x, w)
+
+
+def _dense_native_dw_bwd(res, dy):
+    x, w = res
+    dx = jax.lax.dot_general(dy, w, (((1,), (1,)), ((), ())))
+    dw = jax.lax.platform_dependent(x, dy, cpu=native_conv.matmul_tn,
+                                    default=lambda x_, dy_: jax.lax.dot_general(x_, dy_, (((0,), (0,)), ((), ()))))
+    return dx, dw
+
+
+_dense_native_dw.defvjp(_dense_native_dw_fwd, _dense_native_dw_bwd)
+
+
+def _takes_native_dw(lhs, rhs, precision, preferred_element_type, kw) -> bool:
+    n = rhs.shape[1]
+    return (precision is None and preferred_element_type is None and not kw
+            and lhs.dtype == rhs.dtype == jnp.float32 and n % 16 == 0 and n <= _NATIVE_DW_MAX_OUT
+            and os.environ.get("TSJAX_NATIVE_DENSE", "1") != "0" and native_conv.native_available())
+
+
 def _dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
     """``lax.dot_general`` for ``nn.Dense``.
 
@@ -91,6 +131,8 @@ def _dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_
     * On the CPU, bfloat16 products accumulate into float32 and are rounded back (XLA:CPU runs bf16 x
       bf16 -> f32 dots on AMX / AVX512-BF16 where the CPU has them, but upcasts a bf16 -> bf16 dot to a
       float32 one: 71-93 vs 217-323 GFLOP/s on one Sapphire Rapids-class core).
+    * float32 ``[T, K] x [K, N]`` with ``N`` <= ``_NATIVE_DW_MAX_OUT`` (a multiple of 16): ``_dense_native_dw``,
+      whose weight gradient runs on the native kernels on the CPU.
 
     Elsewhere, and for other dtypes, ``lax.dot_general`` as given."""
     (lc, rc), (lb, rb) = dimension_numbers
@@ -99,6 +141,9 @@ def _dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_
         out = _dot_general(lhs.reshape(-1, lhs.shape[-1]), rhs, (((1,), (0,)), ((), ())), precision,
                            preferred_element_type, **kw)
         return out.reshape(*lhs.shape[:-1], out.shape[-1])
+    if (lhs.ndim == rhs.ndim == 2 and tuple(lc) == (1,) and tuple(rc) == (0,) and not lb and not rb
+            and _takes_native_dw(lhs, rhs, precision, preferred_element_type, kw)):
+        return _dense_native_dw(lhs, rhs)
     if (preferred_element_type is None and lhs.dtype == rhs.dtype == jnp.bfloat16
             and jax.default_backend() == "cpu"):
         out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type=jnp.float32, **kw)

@@ -31,7 +31,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-__all__ = ["conv2d", "native_available", "native_eligible"]
+__all__ = ["conv2d", "matmul_tn", "native_available", "native_eligible"]
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
 _DN = ("NHWC", "HWIO", "NHWC")
@@ -95,6 +95,16 @@ def _native_kernel_grad(x, dy, w_shape, stride, padding):
     out = jax.ShapeDtypeStruct(tuple(w_shape), jnp.float32)
     return jax.ffi.ffi_call("tsjax_conv_kernel_grad", out, vmap_method="sequential")(
         x, dy, sh=stride[0], sw=stride[1], ph=padding[0][0], pw=padding[1][0])
+
+
+def matmul_tn(x: jax.Array, dy: jax.Array) -> jax.Array:
+    """``x^T dy`` on the native kernels: ``x`` ``[T, K]``, ``dy`` ``[T, N]``, float32, ``N`` a multiple of 16
+    -> ``[K, N]`` float32 (a dense layer's weight gradient). It is the kernel gradient of a 1x1 conv over
+    ``T`` pixels, which the kernels run as a packed GEMM (``DenseKernelGrad`` in csrc/kernels/conv_cpu.cc).
+    CPU programs only (select it with ``lax.platform_dependent``); see :func:`native_available`."""
+    (t, k), n = x.shape, dy.shape[1]
+    return _native_kernel_grad(x.reshape(1, 1, t, k), dy.reshape(1, 1, t, n), (1, 1, k, n), (1, 1),
+                               ((0, 0), (0, 0))).reshape(k, n)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
