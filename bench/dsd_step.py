@@ -325,12 +325,12 @@ def step_programs(spec, opt):
 
 
 FLOPS_SOURCE = "lowered HLO on the XLA paths (native CPU kernels off), pre-optimisation"
-_NATIVE_SWITCHES = ("TSJAX_NATIVE_CONV", "TSJAX_NATIVE_ATTENTION", "TSJAX_NATIVE_GROUP_NORM")
+_NATIVE_SWITCHES = ("TSJAX_NATIVE_CONV", "TSJAX_NATIVE_ATTENTION", "TSJAX_NATIVE_GROUP_NORM", "TSJAX_NATIVE_DENSE")
 
 
 def xla_path_flops(fn, args) -> float:
     """XLA's FLOP count of ``fn(*args)`` (a ``jax.jit`` function) traced with tsjax's native CPU kernels
-    off: the same computation on XLA's own conv/attention/GroupNorm ops, whose FLOPs XLA can count (the
+    off: the same computation on XLA's own conv/attention/GroupNorm/dot ops, whose FLOPs XLA can count (the
     native kernels are FFI custom calls, which ``cost_analysis()`` counts as 0). Pre-optimisation HLO of
     a fresh trace (a new wrapper, so no cached trace with the custom calls is reused); lowering only."""
     import os

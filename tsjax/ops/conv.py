@@ -11,7 +11,9 @@ FFI calls into ``csrc/kernels/conv_cpu*.cc`` (AVX-512F or AVX2+FMA, chosen at ru
   and padding ``k - 1 - p``, the kernel read that way by the kernels themselves (other strides, or a
   ``Cin`` that is not a multiple of 16: XLA's);
 * kernel gradient: ``dw[i, j] = sum over pixels of x[shifted]^T dy``, in the same micro-kernels, every tap
-  summed in one pass over the pixels (128-pixel chunks read while in cache).
+  summed in one pass over the pixels (128-pixel chunks read while in cache); a 1x1 stride-1 unpadded
+  conv's is one GEMM, run with both operands copied into contiguous blocks first (also
+  :func:`matmul_tn`, the weight gradient of ``tsjax.diffusion.layers``' narrow dense layers).
 
 float32, float32 accumulation; results do not depend on the thread count. bfloat16 operands of a stride-1
 conv run on Intel AMX tiles where the CPU has them (``_ffi.cpu_amx_bf16``: forward and input gradient
