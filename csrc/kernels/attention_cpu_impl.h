@@ -84,11 +84,17 @@ inline Head MakeHead(const tsjax::AttentionParams& p, int64_t b, int64_t h, cons
               v + b * p.m * rs + h * p.dim};
 }
 
-// x^T packed per key block: out[j][d][c] = x[(j * kBc + c) * rs + d], zero past m.
-inline void PackTransposed(const float* x, int64_t m, int64_t d, int64_t rs, int64_t nkb, float* out) {
-  std::memset(out, 0, sizeof(float) * nkb * d * kBc);
-  for (int64_t c = 0; c < m; ++c)
-    for (int64_t e = 0; e < d; ++e) out[(c / kBc) * d * kBc + e * kBc + c % kBc] = x[c * rs + e];
+// scale * x^T packed per block of `bc` keys: out[j][e][c] = scale * x[(j * bc + c) * rs + e], zero past m;
+// out holds ceil(m / bc) * d * bc floats.
+inline void PackTransposed(const float* x, int64_t m, int64_t d, int64_t rs, int64_t bc, float scale, float* out) {
+  const int64_t nb = (m + bc - 1) / bc;
+  std::memset(out, 0, sizeof(float) * nb * d * bc);
+  for (int64_t j = 0; j < nb; ++j) {
+    float* oj = out + j * d * bc;
+    const float* xj = x + j * bc * rs;
+    for (int64_t c = 0; c < std::min(bc, m - j * bc); ++c)
+      for (int64_t e = 0; e < d; ++e) oj[e * bc + c] = scale * xj[c * rs + e];
+  }
 }
 
 // x's rows packed contiguously: out[c][:] = x[c * rs : c * rs + d].
@@ -113,14 +119,8 @@ void ForwardHead(const tsjax::AttentionParams& p, int64_t b, int64_t h, const fl
   const int64_t d = hd.d;
   const int64_t fc = std::min<int64_t>(kFcMax, (hd.m + V::W - 1) / V::W * V::W);
   const int64_t nfb = (hd.m + fc - 1) / fc;
-  // scale * k^T packed per key block: kt[j][e][c] = scale * k[j * fc + c][e], zero past m; v's rows packed.
-  std::vector<float> kt(nfb * d * fc, 0.0f), vp(hd.m * d), s(kFr * fc), acc(kFr * d), mrow(kFr), lrow(kFr);
-  for (int64_t j = 0; j < nfb; ++j) {
-    float* ktj = kt.data() + j * d * fc;
-    const float* kj = hd.k + j * fc * hd.rs;
-    for (int64_t c = 0; c < std::min(fc, hd.m - j * fc); ++c)
-      for (int64_t e = 0; e < d; ++e) ktj[e * fc + c] = p.scale * kj[c * hd.rs + e];
-  }
+  std::vector<float> kt(nfb * d * fc), vp(hd.m * d), s(kFr * fc), acc(kFr * d), mrow(kFr), lrow(kFr);
+  PackTransposed(hd.k, hd.m, d, hd.rs, fc, p.scale, kt.data());  // the scale folded into k^T
   PackRows(hd.v, hd.m, d, hd.rs, vp.data());
   float* out = o + b * p.n * hd.rs + h * d;
   float* lse_row = lse + (b * p.heads + h) * p.n;
@@ -191,8 +191,8 @@ void BackwardHead(const tsjax::AttentionParams& p, int64_t b, int64_t h, const f
   const float* lse_row = lse + (b * p.heads + h) * p.n;
   std::vector<float> kt(hd.nkb * d * kBc), vt(hd.nkb * d * kBc), kp(hd.m * d), delta(hd.n), dqa(hd.n * d, 0.0f),
       pbuf(kBr * kBc), ds(kBr * kBc), dkj(kBc * d), dvj(kBc * d);
-  PackTransposed(hd.k, hd.m, d, hd.rs, hd.nkb, kt.data());
-  PackTransposed(hd.v, hd.m, d, hd.rs, hd.nkb, vt.data());
+  PackTransposed(hd.k, hd.m, d, hd.rs, kBc, 1.0f, kt.data());
+  PackTransposed(hd.v, hd.m, d, hd.rs, kBc, 1.0f, vt.data());
   PackRows(hd.k, hd.m, d, hd.rs, kp.data());
   for (int64_t i = 0; i < hd.n; ++i) {
     typename V::T s = V::zero();

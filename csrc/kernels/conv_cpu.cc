@@ -111,36 +111,34 @@ void DenseKernelGrad(int64_t kk, int64_t ci, int64_t co, const float* x, const f
   const int64_t per_sb = CeilDiv(ncib, std::min(ncib, CeilDiv(kDenseItems, ngrp)));  // input blocks per item
   const int64_t nsb = CeilDiv(ncib, per_sb);
   auto tile_fn = isa == CpuIsa::kAvx512 ? conv_detail::GradTileAvx512 : conv_detail::GradTileAvx2;
-  const int64_t kcb = kKcDense;
   parallel_for(nsb * ngrp, [&](int64_t item) {
     const int64_t sb = item / ngrp, grp = item % ngrp;
     const int64_t ci_lo = sb * per_sb * cib_size, ci_hi = std::min(ci, (sb + 1) * per_sb * cib_size);
     const int64_t p0 = grp * kDensePanels, np = std::min(kDensePanels, npan - p0);
     const int64_t nsub_max = CeilDiv(cib_size, kMr), tile_acc = nsub_max * kMr * kPanel;
     const int64_t nblk = CeilDiv(ci_hi - ci_lo, cib_size);
+    auto nvec16 = [&](int64_t q) { return static_cast<int>(std::min<int64_t>(kPanel, co - (p0 + q) * kPanel) / 16); };
     thread_local std::vector<float> buf;
-    const size_t need = static_cast<size_t>(kcb * (cib_size + np * kPanel) + nblk * np * tile_acc);
+    const size_t need = static_cast<size_t>(kKcDense * (cib_size + np * kPanel) + nblk * np * tile_acc);
     if (buf.size() < need) buf.resize(need);
     float* const ap = buf.data();               // [kc][nci]: one input block's columns of x
-    float* const bp = ap + kcb * cib_size;      // [np][kc][kPanel]: dy's panels p0 .. p0 + np
-    float* const acc = bp + kcb * np * kPanel;  // [block][np][nsub_max * kMr][kPanel]
+    float* const bp = ap + kKcDense * cib_size;      // [np][kc][kPanel]: dy's panels p0 .. p0 + np
+    float* const acc = bp + kKcDense * np * kPanel;  // [block][np][nsub_max * kMr][kPanel]
     std::memset(acc, 0, nblk * np * tile_acc * sizeof(float));
-    for (int64_t k0 = 0; k0 < kk; k0 += kcb) {
-      const int64_t kc = std::min(kcb, kk - k0);
-      for (int64_t q = 0; q < np; ++q) {
-        const int64_t n0 = (p0 + q) * kPanel, ncols = std::min<int64_t>(kPanel, co - n0) / 16 * 16;
+    for (int64_t k0 = 0; k0 < kk; k0 += kKcDense) {
+      const int64_t kc = std::min(kKcDense, kk - k0);
+      for (int64_t q = 0; q < np; ++q)
         for (int64_t k = 0; k < kc; ++k)
-          std::memcpy(bp + (q * kcb + k) * kPanel, dy + (k0 + k) * co + n0, ncols * sizeof(float));
-      }
+          std::memcpy(bp + (q * kKcDense + k) * kPanel, dy + (k0 + k) * co + (p0 + q) * kPanel,
+                      nvec16(q) * 16 * sizeof(float));
       for (int64_t blk = 0; blk < nblk; ++blk) {
         const int64_t ci0 = ci_lo + blk * cib_size, nci = std::min(cib_size, ci_hi - ci0), nsub = CeilDiv(nci, kMr);
         for (int64_t k = 0; k < kc; ++k) std::memcpy(ap + k * nci, x + (k0 + k) * ci + ci0, nci * sizeof(float));
         for (int64_t q = 0; q < np; ++q) {
-          const int nvec16 = static_cast<int>(std::min<int64_t>(kPanel, co - (p0 + q) * kPanel) / 16);
-          const GradRun run{ap, nci, bp + q * kcb * kPanel, kPanel, kc};
+          const GradRun run{ap, nci, bp + q * kKcDense * kPanel, kPanel, kc};
           float* acc_q = acc + (blk * np + q) * tile_acc;
           for (int64_t s = 0; s < nsub; ++s)
-            tile_fn(&run, 1, s * kMr, 0, static_cast<int>(std::min<int64_t>(kMr, nci - s * kMr)), nvec16,
+            tile_fn(&run, 1, s * kMr, 0, static_cast<int>(std::min<int64_t>(kMr, nci - s * kMr)), nvec16(q),
                     acc_q + s * kMr * kPanel);
         }
       }
@@ -148,9 +146,9 @@ void DenseKernelGrad(int64_t kk, int64_t ci, int64_t co, const float* x, const f
     for (int64_t blk = 0; blk < nblk; ++blk)
       for (int64_t q = 0; q < np; ++q) {
         const int64_t ci0 = ci_lo + blk * cib_size, nci = std::min(cib_size, ci_hi - ci0);
-        const int64_t n0 = (p0 + q) * kPanel, ncols = std::min<int64_t>(kPanel, co - n0) / 16 * 16;
         for (int64_t c = 0; c < nci; ++c)
-          std::memcpy(dw + (ci0 + c) * co + n0, acc + (blk * np + q) * tile_acc + c * kPanel, ncols * sizeof(float));
+          std::memcpy(dw + (ci0 + c) * co + (p0 + q) * kPanel, acc + (blk * np + q) * tile_acc + c * kPanel,
+                      nvec16(q) * 16 * sizeof(float));
       }
   });
 }
