@@ -2,7 +2,7 @@
 // namespace, after a target pragma that enables AVX2 and FMA (see attention_cpu_avx2.cc).
 //
 // V: T (register type), W (floats per register), kAcc (accumulator registers a micro-tile may use),
-// load / store (unaligned), set1, zero, add, sub, mul, fmadd, max, hmax, hsum, exp, and load / store of
+// load / store (unaligned), set1, zero, add, sub, mul, div, fmadd, min, max, hmax, hsum, exp, and load / store of
 // W bfloat16 values (loadbf / storebf: widened to / rounded from float32, round to nearest even).
 struct V {
   using T = __m256;
@@ -30,6 +30,7 @@ struct V {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
                      _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
   }
+  static T min(T a, T b) { return _mm256_min_ps(a, b); }
   static T max(T a, T b) { return _mm256_max_ps(a, b); }
   static float hmax(T x) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));

@@ -2,7 +2,7 @@
 // namespace, after a target pragma that enables AVX-512F (see attention_cpu_avx512.cc).
 //
 // V: T (register type), W (floats per register), kAcc (accumulator registers a micro-tile may use),
-// load / store (unaligned), set1, zero, add, sub, mul, fmadd, max, hmax, hsum, exp, and load / store of
+// load / store (unaligned), set1, zero, add, sub, mul, div, fmadd, min, max, hmax, hsum, exp, and load / store of
 // W bfloat16 values (loadbf / storebf: widened to / rounded from float32, round to nearest even).
 struct V {
   using T = __m512;
@@ -28,6 +28,7 @@ struct V {
     r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
   }
+  static T min(T a, T b) { return _mm512_min_ps(a, b); }
   static T max(T a, T b) { return _mm512_max_ps(a, b); }
   static float hmax(T x) { return _mm512_reduce_max_ps(x); }
   static float hsum(T x) { return _mm512_reduce_add_ps(x); }

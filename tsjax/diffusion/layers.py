@@ -27,6 +27,7 @@ import numpy as np
 from tsjax.ops import attention as native_attention
 from tsjax.ops import conv as native_conv
 from tsjax.ops import group_norm as native_group_norm
+from tsjax.ops.geglu import geglu
 
 Dtype = Any
 
@@ -509,14 +510,31 @@ class Attention(nn.Module):
         return dense(self.out_dim or x.shape[-1], "to_out_0", self.dtype)(o)
 
 
+class _ProductAndBias(nn.Module):
+    """``nn.Dense``'s parameters (``kernel [in, out]`` lecun-normal, ``bias [out]`` zeros, float32) and
+    its product ``x @ kernel`` in ``dtype``, with the bias returned unadded (float32) for a consumer that
+    adds it itself."""
+
+    features: int
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        x, k = x.astype(self.dtype), kernel.astype(self.dtype)
+        return _dot_general(x, k, (((x.ndim - 1,), (0,)), ((), ()))), bias
+
+
 class _GEGLU(nn.Module):
     inner: int
     dtype: Dtype
 
     @nn.compact
     def __call__(self, x):
-        h, gate = jnp.split(dense(2 * self.inner, "proj", self.dtype)(x), 2, axis=-1)
-        return h * nn.gelu(gate, approximate=False)
+        # h * gelu(gate) of the split projection (bias added inside), exact GELU: tsjax.ops.geglu, native
+        # kernels on the CPU
+        return geglu(*_ProductAndBias(2 * self.inner, self.dtype, name="proj")(x))
 
 
 class FeedForward(nn.Module):

@@ -22,11 +22,15 @@ _CONV_TARGETS = ("tsjax_conv_forward", "tsjax_conv_kernel_grad")
 _CONV_BF16_TARGET = "tsjax_conv_forward_bf16"
 _GROUP_NORM_TARGETS = ("tsjax_group_norm_forward", "tsjax_group_norm_backward")
 _ATTENTION_TARGETS = ("tsjax_attention_forward", "tsjax_attention_backward")
+_LAYER_NORM_TARGETS = ("tsjax_layer_norm_forward", "tsjax_layer_norm_backward")
+_GEGLU_TARGETS = ("tsjax_geglu_forward", "tsjax_geglu_backward")
 _CPU_EXTRA = ((_ROWS_TARGETS[0], "TsjaxGatherRowsCpu"), (_ROWS_TARGETS[1], "TsjaxScatterAddRowsCpu"),
               (_IDS_TARGET, "TsjaxRasterizeIdsCpu"), (_CONV_TARGETS[0], "TsjaxConvForwardCpu"),
               (_CONV_TARGETS[1], "TsjaxConvKernelGradCpu"), (_ATTENTION_TARGETS[0], "TsjaxAttentionForwardCpu"),
               (_ATTENTION_TARGETS[1], "TsjaxAttentionBackwardCpu"), (_CONV_BF16_TARGET, "TsjaxConvForwardBf16Cpu"),
-              (_GROUP_NORM_TARGETS[0], "TsjaxGroupNormForwardCpu"), (_GROUP_NORM_TARGETS[1], "TsjaxGroupNormBackwardCpu"))
+              (_GROUP_NORM_TARGETS[0], "TsjaxGroupNormForwardCpu"), (_GROUP_NORM_TARGETS[1], "TsjaxGroupNormBackwardCpu"),
+              (_LAYER_NORM_TARGETS[0], "TsjaxLayerNormForwardCpu"), (_LAYER_NORM_TARGETS[1], "TsjaxLayerNormBackwardCpu"),
+              (_GEGLU_TARGETS[0], "TsjaxGegluForwardCpu"), (_GEGLU_TARGETS[1], "TsjaxGegluBackwardCpu"))
 
 
 @functools.cache
@@ -75,6 +79,12 @@ def cpu_isa() -> int:
     done = _load()
     targets = _CONV_TARGETS + _ATTENTION_TARGETS + _GROUP_NORM_TARGETS
     return done.get("cpu_isa", 0) if all(done.get(t, False) for t in targets) else 0
+
+
+def targets_registered(*targets: str) -> bool:
+    """True when every named CPU FFI target is registered (its symbol is in the loaded library)."""
+    done = _load()
+    return all(done.get(t, False) for t in targets)
 
 
 def cpu_vector_width() -> int:
