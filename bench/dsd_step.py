@@ -325,7 +325,8 @@ def step_programs(spec, opt):
 
 
 FLOPS_SOURCE = "lowered HLO on the XLA paths (native CPU kernels off), pre-optimisation"
-_NATIVE_SWITCHES = ("TSJAX_NATIVE_CONV", "TSJAX_NATIVE_ATTENTION", "TSJAX_NATIVE_GROUP_NORM", "TSJAX_NATIVE_DENSE")
+_NATIVE_SWITCHES = ("TSJAX_NATIVE_CONV", "TSJAX_NATIVE_ATTENTION", "TSJAX_NATIVE_GROUP_NORM", "TSJAX_NATIVE_DENSE",
+                    "TSJAX_NATIVE_GEGLU", "TSJAX_NATIVE_LAYER_NORM")
 
 
 def xla_path_flops(fn, args) -> float:

@@ -170,3 +170,40 @@ def test_dense_weight_gradient_routing_and_values(monkeypatch):
     assert "tsjax_conv" not in grads(layers.dense(128, "d", jnp.bfloat16), jnp.bfloat16)[1]
     monkeypatch.setenv("TSJAX_NATIVE_DENSE", "0")
     assert "tsjax_conv" not in grads(layers.dense(128, "d", jnp.float32))[1]
+
+
+@pytest.mark.parametrize("x_dtype,dtype", [(jnp.float32, jnp.float32), (jnp.float32, jnp.bfloat16),
+                                           (jnp.bfloat16, jnp.bfloat16), (jnp.bfloat16, jnp.float32)])
+def test_layer_norm_module_matches_flax(x_dtype, dtype, monkeypatch):
+    """``layers.LayerNorm`` keeps ``nn.LayerNorm``'s parameter names, init and numerics (float32
+    statistics, output in the compute dtype) for every input/compute dtype pair, in value and gradient,
+    and routes to the native kernels where they apply (48 channels; 20 channels fall back)."""
+    from tsjax.ops import layer_norm as native_layer_norm
+
+    rng = np.random.default_rng(7)
+    for c, native in ((48, native_layer_norm.native_eligible((1, 48), jnp.float32)), (20, False)):
+        x = jnp.asarray(rng.standard_normal((2, 9, c)) * 2 + 1, x_dtype)
+        m = layers.LayerNorm(1e-5, "norm", dtype)
+        p = m.init(jax.random.key(0), x)
+        ref = nn.LayerNorm(epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, use_fast_variance=False)
+        pf = ref.init(jax.random.key(0), x)
+        assert jax.tree.map(lambda a: (a.shape, a.dtype), p) == jax.tree.map(lambda a: (a.shape, a.dtype), pf)
+        p = {"params": {"scale": jnp.asarray(1 + 0.3 * rng.standard_normal(c), jnp.float32),
+                        "bias": jnp.asarray(0.2 * rng.standard_normal(c), jnp.float32)}}
+        ct = jnp.asarray(rng.standard_normal(x.shape), dtype)
+        y, vjp = jax.vjp(lambda p, x: m.apply(p, x), p, x)
+        yf, vjpf = jax.vjp(lambda p, x: ref.apply(p, x), p, x)
+        assert y.dtype == yf.dtype == jnp.dtype(dtype)
+        tol = 1e-5 if jnp.dtype(x_dtype) == jnp.dtype(dtype) == jnp.float32 else 2e-2
+        np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(yf, np.float32), atol=tol, rtol=tol)
+        for a, b in zip(jax.tree.leaves(vjp(ct)), jax.tree.leaves(vjpf(ct))):
+            assert a.dtype == b.dtype
+            b = np.asarray(b, np.float32)
+            np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=tol * max(1.0, np.abs(b).max()), rtol=tol)
+        hlo = jax.jit(lambda p, x: m.apply(p, x)).lower(p, x).as_text()
+        assert ("tsjax_layer_norm_forward" in hlo) == native, (c, native)
+    if native_layer_norm.native_eligible((1, 48), jnp.float32):
+        monkeypatch.setenv("TSJAX_NATIVE_LAYER_NORM", "0")
+        x = jnp.zeros((2, 3, 48), jnp.float32)
+        m = layers.LayerNorm(1e-5, "norm", jnp.float32)
+        assert "tsjax_layer_norm" not in jax.jit(lambda p, x: m.apply(p, x)).lower(m.init(jax.random.key(0), x), x).as_text()

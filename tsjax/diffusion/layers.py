@@ -27,6 +27,7 @@ import numpy as np
 from tsjax.ops import attention as native_attention
 from tsjax.ops import conv as native_conv
 from tsjax.ops import group_norm as native_group_norm
+from tsjax.ops import layer_norm as native_layer_norm
 from tsjax.ops.geglu import geglu
 
 Dtype = Any
@@ -294,9 +295,27 @@ def group_norm(num_groups: int, epsilon: float, name: str, dtype: Dtype, silu: b
     return GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=dtype, silu=silu, name=name)
 
 
-def LayerNorm(epsilon: float, name: str, dtype: Dtype) -> nn.LayerNorm:  # noqa: N802 (factory)
-    """``torch.nn.LayerNorm`` over the last axis (params ``scale``/``bias``), float32 statistics."""
-    return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32, use_fast_variance=False, name=name)
+class _LayerNorm(nn.Module):
+    """``torch.nn.LayerNorm`` over the last axis: ``nn.LayerNorm(use_fast_variance=False)``'s parameters
+    (float32 ``scale`` ones, ``bias`` zeros) and numerics (float32 two-pass statistics, output in
+    ``dtype``), computed by ``tsjax.ops.layer_norm`` (native kernels on the CPU)."""
+
+    epsilon: float
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones_init(), (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (c,), jnp.float32)
+        x = x.astype(jnp.promote_types(x.dtype, self.dtype))  # bf16 data only when both are bf16
+        return native_layer_norm.layer_norm(x, scale, bias, eps=self.epsilon).astype(self.dtype)
+
+
+def LayerNorm(epsilon: float, name: str, dtype: Dtype) -> nn.Module:  # noqa: N802 (factory)
+    """``torch.nn.LayerNorm`` over the last axis (params ``scale``/``bias``), float32 statistics; the
+    kernels of ``tsjax.ops.layer_norm`` on the CPU."""
+    return _LayerNorm(epsilon, dtype, name=name)
 
 
 def _cudnn_ok(q: jax.Array, k: jax.Array) -> bool:
