@@ -8,7 +8,8 @@ PyTorch (bench/README.md). :func:`geglu` adds the bias and does the forward in o
 (``csrc/kernels/geglu_cpu*.cc``, AVX-512F or AVX2+FMA, float32 or bfloat16 data computed in float32) and
 the backward in another that writes both gradient halves and the bias gradient; the residual is ``x``. Elsewhere (other platforms, ``F`` not a multiple of the
 kernels' vector width, other dtypes) the same function in ``jax.numpy`` (``lax.platform_dependent``).
-``TSJAX_NATIVE_GEGLU=0`` (read when a function is traced) turns the native path off.
+Under ``vmap`` the native calls run once per mapped element. ``TSJAX_NATIVE_GEGLU=0`` (read when a function
+is traced) turns the native path off.
 
 Numerics: ``gelu(g) = g * (1 + erf(g / sqrt(2))) / 2`` (PyTorch's formula) with XLA's float32 rational erf
 (|error| < 4e-7); ``jax.nn.gelu(approximate=False)`` computes ``g * erfc(-g / sqrt(2)) / 2``: the two agree
