@@ -15,6 +15,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 using tsjax::ffi_pool::PoolParallelFor;
+using tsjax::ffi_pool::PoolThreads;
 
 ffi::Error Params(ffi::Span<const int64_t> x, ffi::Span<const int64_t> out_pixels, int64_t kh, int64_t kw,
                   int64_t ci, int64_t co, int64_t sh, int64_t sw, int64_t ph, int64_t pw, tsjax::ConvParams* p) {
@@ -54,7 +55,8 @@ ffi::Error KernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   if (ffi::Error e = Params(x.dimensions(), dy.dimensions(), wd[0], wd[1], wd[2], wd[3], sh, sw, ph, pw, &p);
       e.failure())
     return e;
-  tsjax::ConvKernelGradCpu(p, x.typed_data(), dy.typed_data(), dw->typed_data(), tsjax::CpuIsaFromEnv(), PoolParallelFor(pool, "TSJAX_CPU_THREADS"));
+  tsjax::ConvKernelGradCpu(p, x.typed_data(), dy.typed_data(), dw->typed_data(), tsjax::CpuIsaFromEnv(),
+                           PoolParallelFor(pool, "TSJAX_CPU_THREADS"), PoolThreads(pool, "TSJAX_CPU_THREADS"));
   return ffi::Error::Success();
 }
 

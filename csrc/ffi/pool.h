@@ -35,13 +35,19 @@ struct ParallelState {
   }
 };
 
+// The threads a PoolParallelFor(pool, cap_env) loop runs on (the calling one included): the pool's size,
+// capped by the environment variable cap_env when it is set to a positive number.
+inline int64_t PoolThreads(xla::ffi::ThreadPool& pool, const char* cap_env) {
+  int64_t threads = pool.num_threads();
+  const char* cap_s = std::getenv(cap_env);
+  const int64_t cap = cap_s ? std::atoll(cap_s) : 0;
+  if (cap > 0) threads = std::min(threads, cap);
+  return std::max<int64_t>(1, threads);
+}
+
 inline tsjax::ParallelFor PoolParallelFor(xla::ffi::ThreadPool& pool, const char* cap_env) {
   return [&pool, cap_env](int64_t n, const std::function<void(int64_t)>& fn) {
-    int64_t threads = pool.num_threads();
-    const char* cap_s = std::getenv(cap_env);
-    const int64_t cap = cap_s ? std::atoll(cap_s) : 0;
-    if (cap > 0) threads = std::min(threads, cap);
-    threads = std::min(threads, n);
+    const int64_t threads = std::min(PoolThreads(pool, cap_env), n);
     if (threads <= 1) {
       for (int64_t i = 0; i < n; ++i) fn(i);
       return;

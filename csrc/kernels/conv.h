@@ -43,9 +43,10 @@ struct ConvParams {
 void ConvForwardCpu(const ConvParams& p, const float* x, const float* w, float* y, CpuIsa isa,
                     const ParallelFor& parallel_for);
 
-// dw = kernel gradient as above (dw is overwritten).
+// dw = kernel gradient as above (dw is overwritten). `threads`: how many threads parallel_for runs its items
+// on (0: not known, taken as 4); it only decides how finely the work is split, never the result.
 void ConvKernelGradCpu(const ConvParams& p, const float* x, const float* dy, float* dw, CpuIsa isa,
-                       const ParallelFor& parallel_for);
+                       const ParallelFor& parallel_for, int64_t threads = 0);
 
 // y = conv(x, w) for bfloat16 x and w (raw bf16 bits), stride 1, on AMX tiles (conv_cpu_amx.cc); y is
 // bf16 (y_bf16) or float32; float32 accumulation. Call only when CpuAmxBf16().
