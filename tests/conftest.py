@@ -35,6 +35,34 @@ def repo_root() -> Path:
     return REPO
 
 
+@pytest.fixture
+def check_thread_isa_invariance(monkeypatch):
+    """``check(run, isa_rel=1e-6)`` for tests of tsjax's native CPU kernels: ``run()`` executes them (a
+    compiled function; the kernels read ``TSJAX_CPU_THREADS`` / ``TSJAX_CPU_ISA`` at every call) and returns
+    a list of arrays. They must be bit-identical with 1, 2 and 3 threads and the default, and, where the CPU
+    has AVX-512, within ``isa_rel`` (max abs difference over max abs value) with the AVX2 kernels."""
+    import numpy as np
+
+    from tsjax.ops import _ffi
+
+    def check(run, isa_rel=1e-6):
+        base = [np.asarray(a) for a in run()]
+        for threads in ("1", "2", "3"):
+            monkeypatch.setenv("TSJAX_CPU_THREADS", threads)
+            for a, b in zip(base, run(), strict=True):
+                np.testing.assert_array_equal(a, np.asarray(b), err_msg=f"TSJAX_CPU_THREADS={threads}")
+        monkeypatch.delenv("TSJAX_CPU_THREADS")
+        if _ffi.cpu_isa() >= 2:  # the AVX2 kernels: other summation orders only
+            monkeypatch.setenv("TSJAX_CPU_ISA", "avx2")
+            for a, b in zip(base, run(), strict=True):
+                a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+                rel = float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30))
+                assert rel < isa_rel, f"TSJAX_CPU_ISA=avx2: relative difference {rel:.2e}"
+            monkeypatch.delenv("TSJAX_CPU_ISA")
+
+    return check
+
+
 def _launch_processes(argv, *, n: int = 2, env: dict | None = None, per_process=None, timeout: float = 300):
     """Run ``n`` copies of ``argv`` as one ``jax.distributed`` job on localhost and wait for all of them.
 

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from tsjax.ops import _ffi
 from tsjax.ops import geglu as G
 
 pytestmark = pytest.mark.skipif(not G.native_eligible((1, 32), jnp.float32),
@@ -92,23 +91,15 @@ def test_native_geglu_finite_differences():
     check_grads(G.geglu, (x, bias), order=1, modes=("rev",), atol=2e-2, rtol=2e-2)
 
 
-def test_native_geglu_is_independent_of_threads_and_isa(monkeypatch):
-    x, ct, bias = _operands((2, 300), 128, seed=4)
+def test_native_geglu_is_independent_of_threads_and_isa(check_thread_isa_invariance):
+    x, ct, bias = _operands((2, 300), 128, seed=4)  # 5 blocks of 128 rows
     f = jax.jit(lambda x, b: jax.vjp(G.geglu, x, b))
 
     def run():
         y, vjp = f(x, bias)
-        return [np.asarray(y)] + [np.asarray(a) for a in vjp(ct)]
+        return [y, *vjp(ct)]
 
-    base = run()
-    monkeypatch.setenv("TSJAX_CPU_THREADS", "1")
-    for a, b in zip(base, run()):
-        np.testing.assert_array_equal(a, b)
-    monkeypatch.delenv("TSJAX_CPU_THREADS")
-    if _ffi.cpu_isa() >= 2:
-        monkeypatch.setenv("TSJAX_CPU_ISA", "avx2")
-        for a, b in zip(base, run()):
-            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * np.abs(a).max())
+    check_thread_isa_invariance(run)
 
 
 def test_native_geglu_under_vmap():

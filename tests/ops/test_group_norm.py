@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from tsjax.ops import _ffi
 from tsjax.ops import group_norm as G
 
 pytestmark = pytest.mark.skipif(not G.native_eligible((1, 16), jnp.float32, 1),
@@ -81,23 +80,15 @@ def test_native_group_norm_finite_differences():
                 modes=("rev",), atol=2e-2, rtol=2e-2)
 
 
-def test_native_group_norm_is_independent_of_threads_and_isa(monkeypatch):
+def test_native_group_norm_is_independent_of_threads_and_isa(check_thread_isa_invariance):
     x, scale, bias, ct = _operands((2, 31, 17, 64, 32), seed=4)
     f = jax.jit(lambda x, s, b: jax.vjp(lambda *a: G.group_norm(*a, groups=32, eps=1e-5, silu=True), x, s, b))
 
     def run():
         y, vjp = f(x, scale, bias)
-        return [np.asarray(y)] + [np.asarray(a) for a in vjp(ct)]
+        return [y, *vjp(ct)]
 
-    base = run()
-    monkeypatch.setenv("TSJAX_CPU_THREADS", "1")
-    for a, b in zip(base, run()):
-        np.testing.assert_array_equal(a, b)
-    monkeypatch.delenv("TSJAX_CPU_THREADS")
-    if _ffi.cpu_isa() >= 2:
-        monkeypatch.setenv("TSJAX_CPU_ISA", "avx2")
-        for a, b in zip(base, run()):
-            assert _rel(a, b) < 1e-6
+    check_thread_isa_invariance(run)
 
 
 def test_layers_group_norm_module(monkeypatch):

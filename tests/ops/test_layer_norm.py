@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tsjax.ops import _ffi
 from tsjax.ops import layer_norm as L
 
 pytestmark = pytest.mark.skipif(not L.native_eligible((1, 16), jnp.float32),
@@ -112,7 +111,7 @@ def test_native_layer_norm_bfloat16():
                                atol=2 ** -7 * float(np.abs(y32).max()))
 
 
-def test_native_layer_norm_is_independent_of_threads_and_isa(monkeypatch):
+def test_native_layer_norm_is_independent_of_threads_and_isa(check_thread_isa_invariance):
     x, scale, bias, w = _operands((2, 333, 128), seed=4, offset=0.5)  # 11 chunks of 64 rows
     f = jax.jit(lambda x, s, b: jax.vjp(_native_ln, x, s, b))
 
@@ -120,19 +119,8 @@ def test_native_layer_norm_is_independent_of_threads_and_isa(monkeypatch):
         y, vjp = f(jnp.asarray(x, dtype), scale, bias)
         return [np.asarray(y, np.float32)] + [np.asarray(a, np.float32) for a in vjp(jnp.asarray(w, dtype))]
 
-    monkeypatch.setenv("TSJAX_CPU_THREADS", "1")
-    base, base_bf16 = run(), run(jnp.bfloat16)
-    for threads in ("2", "3"):
-        monkeypatch.setenv("TSJAX_CPU_THREADS", threads)
-        for a, b in zip(base + base_bf16, run() + run(jnp.bfloat16)):
-            np.testing.assert_array_equal(a, b)
-    monkeypatch.delenv("TSJAX_CPU_THREADS")
-    for a, b in zip(base, run()):
-        np.testing.assert_array_equal(a, b)
-    if _ffi.cpu_isa() >= 2:  # the AVX2 kernels: other summation orders only
-        monkeypatch.setenv("TSJAX_CPU_ISA", "avx2")
-        for a, b in zip(base, run()):
-            assert _rel(a, b) < 1e-6
+    check_thread_isa_invariance(run)
+    check_thread_isa_invariance(lambda: run(jnp.bfloat16), isa_rel=1e-2)
 
 
 def test_native_layer_norm_vmap():
