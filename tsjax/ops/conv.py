@@ -8,8 +8,9 @@ FFI calls into ``csrc/kernels/conv_cpu*.cc`` (AVX-512F or AVX2+FMA, chosen at ru
 
 * forward ``y = conv(x, w)``: an indirect GEMM that reads the rows of ``x`` in place (no im2col);
 * input gradient (stride 1): the forward of ``dy`` with the spatially flipped, in/out-transposed kernel
-  and padding ``k - 1 - p``, the kernel read that way by the kernels themselves (other strides, or a
-  ``Cin`` that is not a multiple of 16: XLA's);
+  and padding ``k - 1 - p``, the kernel read that way by the kernels themselves; strided (float32): one
+  such stride-1 conv per output phase with that phase's taps, interleaved (a ``Cin`` that is not a
+  multiple of 16: XLA's);
 * kernel gradient: ``dw[i, j] = sum over pixels of x[shifted]^T dy``, in the same micro-kernels, every tap
   summed in one pass over the pixels (128-pixel chunks read while in cache); a 1x1 stride-1 unpadded
   conv's is one GEMM, run with both operands copied into contiguous blocks first (also
@@ -109,6 +110,43 @@ def matmul_tn(x: jax.Array, dy: jax.Array) -> jax.Array:
                                ((0, 0), (0, 0))).reshape(k, n)
 
 
+def _strided_input_grad(dy, w, stride, padding, x_hw):
+    """Input gradient of a strided float32 conv as ``sh * sw`` stride-1 native convs, one per output phase.
+
+    Input row ``h = sh * u + r`` receives ``dy[u + c - m] * w[i0 + sh * m]`` for the taps ``i = i0 + sh * m``
+    with ``i = (r + ph) mod sh`` and ``c = (r + ph - i0) / sh``: a stride-1 correlation of ``dy`` with that
+    phase's taps in reverse order (the kernels' ``flip`` mode, which also transposes the channels), so no
+    multiply is spent on the zeros that XLA's base-dilated convolution inserts. The phases are computed at
+    ``ceil(H / sh)`` rows each, interleaved by one transpose and cropped to ``x_hw``.
+    ``dy`` ``[B, Ho, Wo, Cout]``, ``w`` ``[KH, KW, Cin, Cout]`` -> ``[B, H, W, Cin]``.
+    """
+    b, co, ci = dy.shape[0], w.shape[3], w.shape[2]
+    n_out = [-(-x_hw[a] // stride[a]) for a in range(2)]  # rows / columns per phase
+
+    def axis_plan(a, r):
+        """(first tap, tap count, leading crop of dy, leading zero padding) of phase r along axis a."""
+        i0 = (r + padding[a][0]) % stride[a]
+        m = len(range(i0, w.shape[a], stride[a]))
+        lead = m - 1 - (r + padding[a][0] - i0) // stride[a]
+        return i0, m, max(0, -lead), max(0, lead)
+
+    rows = []
+    for rh in range(stride[0]):
+        cols = []
+        for rw in range(stride[1]):
+            (ih, mh, cut_h, pad_h), (iw, mw, cut_w, pad_w) = axis_plan(0, rh), axis_plan(1, rw)
+            if mh == 0 or mw == 0:  # no tap lands on this phase (kernel smaller than the stride)
+                cols.append(jnp.zeros((b, *n_out, ci), jnp.float32))
+                continue
+            sub = w[ih::stride[0], iw::stride[1]]  # [mh, mw, Cin, Cout], used flipped: Cout -> Cin
+            cols.append(_native_forward(dy[:, cut_h:, cut_w:], sub, (1, 1), ((pad_h, 0), (pad_w, 0)),
+                                        out_hw=tuple(n_out), flip=True))
+        rows.append(jnp.stack(cols, axis=3))  # [B, U, V, sw, Cin]
+    dx = jnp.stack(rows, axis=2)  # [B, U, sh, V, sw, Cin]
+    dx = dx.reshape(b, n_out[0] * stride[0], n_out[1] * stride[1], ci)
+    return dx[:, :x_hw[0], :x_hw[1]]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _native_conv(x, w, stride, padding):
     return _native_forward(x, w, stride, padding)
@@ -125,6 +163,8 @@ def _native_conv_bwd(stride, padding, res, dy):
         back = ((kh - 1 - padding[0][0], 0), (kw - 1 - padding[1][0], 0))  # trailing: from out_hw
         forward = _amx_forward if x.dtype == jnp.bfloat16 else functools.partial(_native_forward, stride=(1, 1))
         dx = forward(dy.astype(x.dtype), w, padding=back, out_hw=x.shape[1:3], flip=True)
+    elif ci % 16 == 0 and x.dtype == jnp.float32 and max(padding[0][0], padding[1][0]) < max(kh, kw):
+        dx = _strided_input_grad(dy, w, stride, padding, x.shape[1:3])
     else:
         dx = jax.vjp(lambda x_: _xla_conv(x_, w, stride, padding), x)[1](dy)[0]
     f32 = jnp.float32
