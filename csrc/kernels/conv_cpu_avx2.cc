@@ -26,6 +26,7 @@ void FwdTile16(const FwdTile& t, int g) {
     const float* a[MR];
     for (int m = 0; m < MR; ++m) a[m] = t.a[tap * kMr + m] + t.c0;
     const float* b = t.b + tap * t.tap_stride + 16 * g;
+#pragma GCC unroll 4
     for (int64_t k = 0; k < t.nci; ++k, b += t.ldb) {
       const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
       for (int m = 0; m < MR; ++m) {
@@ -48,6 +49,7 @@ void Grad16(const GradRun* runs, int nruns, int64_t xoff, int64_t dyoff, int g, 
   for (int r = 0; r < nruns; ++r) {
     const float* x = runs[r].x0 + xoff;
     const float* dy = runs[r].dy0 + dyoff + 16 * g;
+#pragma GCC unroll 4
     for (int64_t k = 0; k < runs[r].n; ++k, x += runs[r].xstride, dy += runs[r].dystride) {
       const __m256 b0 = _mm256_loadu_ps(dy), b1 = _mm256_loadu_ps(dy + 8);
       for (int m = 0; m < MR; ++m) {

@@ -26,6 +26,7 @@ void FwdTileT(const FwdTile& t) {
     const float* a[MR];
     for (int m = 0; m < MR; ++m) a[m] = t.a[tap * kMr + m] + t.c0;
     const float* b = t.b + tap * t.tap_stride;
+#pragma GCC unroll 4
     for (int64_t c = 0; c < t.nci; ++c, b += t.ldb) {
       __m512 bv[NV];
       for (int j = 0; j < NV; ++j) bv[j] = _mm512_loadu_ps(b + 16 * j);
@@ -48,6 +49,7 @@ void GradT(const GradRun* runs, int nruns, int64_t xoff, int64_t dyoff, float* a
   for (int r = 0; r < nruns; ++r) {
     const float* x = runs[r].x0 + xoff;
     const float* dy = runs[r].dy0 + dyoff;
+#pragma GCC unroll 4
     for (int64_t k = 0; k < runs[r].n; ++k, x += runs[r].xstride, dy += runs[r].dystride) {
       __m512 bv[NV];
       for (int j = 0; j < NV; ++j) bv[j] = _mm512_loadu_ps(dy + 16 * j);
