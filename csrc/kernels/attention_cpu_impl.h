@@ -20,6 +20,7 @@ void Tile(float* c, int64_t ldc, const float* a, int64_t ams, int64_t aks, const
   typename V::T acc[MR][NV];
   for (int m = 0; m < MR; ++m)
     for (int j = 0; j < NV; ++j) acc[m][j] = accumulate ? V::load(c + m * ldc + j * V::W) : V::zero();
+#pragma GCC unroll 4
   for (int64_t k = 0; k < kk; ++k) {
     typename V::T bv[NV];
     for (int j = 0; j < NV; ++j) bv[j] = V::load(b + k * ldb + j * V::W);
