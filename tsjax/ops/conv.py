@@ -120,7 +120,7 @@ def _strided_input_grad(dy, w, stride, padding, x_hw):
     ``ceil(H / sh)`` rows each, interleaved by one transpose and cropped to ``x_hw``.
     ``dy`` ``[B, Ho, Wo, Cout]``, ``w`` ``[KH, KW, Cin, Cout]`` -> ``[B, H, W, Cin]``.
     """
-    b, co, ci = dy.shape[0], w.shape[3], w.shape[2]
+    b, ci = dy.shape[0], w.shape[2]
     n_out = [-(-x_hw[a] // stride[a]) for a in range(2)]  # rows / columns per phase
 
     def axis_plan(a, r):
