@@ -2,6 +2,7 @@
 // capped by TSJAX_CPU_THREADS; instruction set: TSJAX_CPU_ISA (kernels/cpu_isa.h).
 #include <algorithm>
 
+#include "ffi/cpu_check.h"
 #include "ffi/pool.h"
 #include "kernels/attention.h"
 #include "xla/ffi/api/ffi.h"
@@ -17,9 +18,7 @@ ffi::Error Check(ffi::Span<const int64_t> q, ffi::Span<const int64_t> k, tsjax::
   if (q.size() != 4 || k.size() != 4) return ffi::Error::InvalidArgument("attention: expected [B, N, H, D] arrays");
   if (q[0] != k[0] || q[2] != k[2] || q[3] != k[3])
     return ffi::Error::InvalidArgument("attention: q and k/v differ in batch, heads or head size");
-  if (isa == tsjax::CpuIsa::kNone) return ffi::Error::Internal("attention: this CPU has neither AVX2+FMA nor AVX-512F");
-  const int64_t width = isa == tsjax::CpuIsa::kAvx512 ? 16 : 8;
-  if (q[3] % width != 0) return ffi::Error::InvalidArgument("attention: head size must be a multiple of the vector width");
+  if (ffi::Error e = tsjax::ffi_check::IsaAndWidth("attention", isa, q[3], "head size"); e.failure()) return e;
   if (k[1] < 1) return ffi::Error::InvalidArgument("attention: no keys");
   *p = tsjax::AttentionParams{q[0], q[1], k[1], q[2], q[3], scale};
   return ffi::Error::Success();

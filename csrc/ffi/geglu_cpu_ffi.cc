@@ -1,5 +1,6 @@
 // XLA FFI handlers (CPU) for the GEGLU kernels (kernels/geglu.h): x [R, 2F], y / dy [R, F], dx [R, 2F],
 // all float32 or all bfloat16; bias / dbias [2F] float32. Threads: ffi/pool.h (TSJAX_CPU_THREADS).
+#include "ffi/cpu_check.h"
 #include "ffi/pool.h"
 #include "kernels/geglu.h"
 #include "xla/ffi/api/ffi.h"
@@ -15,18 +16,15 @@ ffi::Error Check(const ffi::AnyBuffer& x, const ffi::Buffer<ffi::F32>& bias, ffi
                  ffi::Span<const int64_t> half, tsjax::GegluParams* p) {
   auto d = x.dimensions();
   if (d.size() != 2 || d[1] % 2 != 0) return ffi::Error::InvalidArgument("geglu: x must be [R, 2F]");
-  const bool bf16 = x.element_type() == ffi::DataType::BF16;
-  if (!bf16 && x.element_type() != ffi::DataType::F32)
-    return ffi::Error::InvalidArgument("geglu: x must be float32 or bfloat16");
+  bool bf16;
+  if (ffi::Error e = tsjax::ffi_check::FloatOrBf16("geglu", x.element_type(), &bf16); e.failure()) return e;
   if (bias.dimensions().size() != 1 || bias.dimensions()[0] != d[1])
     return ffi::Error::InvalidArgument("geglu: bias must be [2F] for x [R, 2F]");
   if (half_type != x.element_type()) return ffi::Error::InvalidArgument("geglu: y / dy dtype != x dtype");
   if (half.size() != 2 || half[0] != d[0] || half[1] != d[1] / 2)
     return ffi::Error::InvalidArgument("geglu: y / dy must be [R, F] for x [R, 2F]");
-  const tsjax::CpuIsa isa = tsjax::CpuIsaFromEnv();
-  if (isa == tsjax::CpuIsa::kNone) return ffi::Error::Internal("geglu: this CPU has neither AVX2+FMA nor AVX-512F");
-  const int64_t width = isa == tsjax::CpuIsa::kAvx512 ? 16 : 8;
-  if ((d[1] / 2) % width != 0) return ffi::Error::InvalidArgument("geglu: F must be a multiple of the vector width");
+  if (ffi::Error e = tsjax::ffi_check::IsaAndWidth("geglu", tsjax::CpuIsaFromEnv(), d[1] / 2, "F"); e.failure())
+    return e;
   *p = tsjax::GegluParams{d[0], d[1] / 2, bf16};
   return ffi::Error::Success();
 }

@@ -1,5 +1,6 @@
 // XLA FFI handlers (CPU) for the GroupNorm kernels (kernels/group_norm.h). x / y / dy / dx: float32 or
 // bfloat16 ([B, N, C]); parameters and statistics float32. Threads: ffi/pool.h (TSJAX_CPU_THREADS).
+#include "ffi/cpu_check.h"
 #include "ffi/pool.h"
 #include "kernels/group_norm.h"
 #include "xla/ffi/api/ffi.h"
@@ -13,14 +14,12 @@ using tsjax::ffi_pool::PoolParallelFor;
 ffi::Error Check(const ffi::AnyBuffer& x, int64_t groups, float eps, bool silu, tsjax::GroupNormParams* p) {
   auto d = x.dimensions();
   if (d.size() != 3) return ffi::Error::InvalidArgument("group_norm: x must be [B, N, C]");
-  const bool bf16 = x.element_type() == ffi::DataType::BF16;
-  if (!bf16 && x.element_type() != ffi::DataType::F32)
-    return ffi::Error::InvalidArgument("group_norm: x must be float32 or bfloat16");
-  const tsjax::CpuIsa isa = tsjax::CpuIsaFromEnv();
-  if (isa == tsjax::CpuIsa::kNone) return ffi::Error::Internal("group_norm: this CPU has neither AVX2+FMA nor AVX-512F");
-  const int64_t width = isa == tsjax::CpuIsa::kAvx512 ? 16 : 8;
-  if (groups < 1 || d[2] % groups != 0 || d[2] % width != 0)
-    return ffi::Error::InvalidArgument("group_norm: channels must be a multiple of groups and of the vector width");
+  bool bf16;
+  if (ffi::Error e = tsjax::ffi_check::FloatOrBf16("group_norm", x.element_type(), &bf16); e.failure()) return e;
+  if (ffi::Error e = tsjax::ffi_check::IsaAndWidth("group_norm", tsjax::CpuIsaFromEnv(), d[2], "channels"); e.failure())
+    return e;
+  if (groups < 1 || d[2] % groups != 0)
+    return ffi::Error::InvalidArgument("group_norm: channels must be a multiple of groups");
   *p = tsjax::GroupNormParams{d[0], d[1], d[2], groups, eps, silu, bf16};
   return ffi::Error::Success();
 }

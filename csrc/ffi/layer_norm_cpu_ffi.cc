@@ -4,6 +4,7 @@
 // rstd float32 [...] (x's leading dims). Threads: ffi/pool.h (TSJAX_CPU_THREADS).
 #include <cstddef>
 
+#include "ffi/cpu_check.h"
 #include "ffi/pool.h"
 #include "kernels/layer_norm.h"
 #include "xla/ffi/api/ffi.h"
@@ -32,9 +33,8 @@ ffi::Error Check(const ffi::AnyBuffer& x, ffi::Span<const int64_t> param, float 
                  tsjax::CpuIsa* isa) {
   auto d = x.dimensions();
   if (d.size() < 2) return ffi::Error::InvalidArgument("layer_norm: x must be [..., R, C]");
-  const bool bf16 = x.element_type() == ffi::DataType::BF16;
-  if (!bf16 && x.element_type() != ffi::DataType::F32)
-    return ffi::Error::InvalidArgument("layer_norm: x must be float32 or bfloat16");
+  bool bf16;
+  if (ffi::Error e = tsjax::ffi_check::FloatOrBf16("layer_norm", x.element_type(), &bf16); e.failure()) return e;
   if (param.size() < 1 || param.size() > d.size() - 1 || param[param.size() - 1] != d[d.size() - 1])
     return ffi::Error::InvalidArgument("layer_norm: scale / bias must be [C] (or [batch..., C] under vmap)");
   const size_t lead = param.size() - 1;
@@ -42,11 +42,8 @@ ffi::Error Check(const ffi::AnyBuffer& x, ffi::Span<const int64_t> param, float 
     if (param[i] != d[i]) return ffi::Error::InvalidArgument("layer_norm: scale / bias batch dims != x's");
   const int64_t c = d[d.size() - 1];
   *isa = tsjax::CpuIsaFromEnv();
-  if (*isa == tsjax::CpuIsa::kNone)
-    return ffi::Error::Internal("layer_norm: this CPU has neither AVX2+FMA nor AVX-512F");
-  if (*isa == tsjax::CpuIsa::kAvx512 && c % 16 != 0) *isa = tsjax::CpuIsa::kAvx2;
-  if (c < 1 || c % 8 != 0)
-    return ffi::Error::InvalidArgument("layer_norm: channels must be a multiple of the vector width");
+  if (*isa == tsjax::CpuIsa::kAvx512 && c % 16 != 0) *isa = tsjax::CpuIsa::kAvx2;  // rows of 8k channels
+  if (ffi::Error e = tsjax::ffi_check::IsaAndWidth("layer_norm", *isa, c, "channels"); e.failure()) return e;
   *p = tsjax::LayerNormParams{Product(d, d.size() - 1), c, Product(param, lead), eps, bf16};
   return ffi::Error::Success();
 }

@@ -1,16 +1,6 @@
 // The CPU GEGLU rows (kernels/geglu.h) over a SIMD vector type V (kernels/simd_*.h). Included inside a
 // per-ISA namespace after the target pragma; the includer has included <cstdint>.
 
-// W elements of float32 (E = float) or bfloat16 (E = uint16_t) data, widened to / rounded from float32.
-template <class V>
-typename V::T Load(const float* p) { return V::load(p); }
-template <class V>
-typename V::T Load(const uint16_t* p) { return V::loadbf(p); }
-template <class V>
-void Store(float* p, typename V::T v) { V::store(p, v); }
-template <class V>
-void Store(uint16_t* p, typename V::T v) { V::storebf(p, v); }
-
 // erf(x): x P(x^2) / Q(x^2) on x clamped to +-3.8325 (where float32 erf rounds to +-1); XLA's float32
 // approximation, |error| < 4e-7.
 template <class V>
@@ -45,9 +35,9 @@ void ForwardRows(int64_t f, const E* x, const float* bias, E* y, int64_t r0, int
     const E* g = h + f;
     E* out = y + r * f;
     for (int64_t c = 0; c < f; c += V::W) {
-      const typename V::T gv = V::add(Load<V>(g + c), V::load(bias + f + c));
-      const typename V::T hv = V::add(Load<V>(h + c), V::load(bias + c));
-      Store<V>(out + c, V::mul(hv, V::mul(gv, Phi<V>(gv))));
+      const typename V::T gv = V::add(V::load(g + c), V::load(bias + f + c));
+      const typename V::T hv = V::add(V::load(h + c), V::load(bias + c));
+      V::store(out + c, V::mul(hv, V::mul(gv, Phi<V>(gv))));
     }
   }
 }
@@ -63,16 +53,16 @@ void BackwardRows(int64_t f, const E* x, const float* bias, const E* dy, E* dx, 
     E* dh = dx + r * 2 * f;
     E* dg = dh + f;
     for (int64_t c = 0; c < f; c += V::W) {
-      const typename V::T gv = V::add(Load<V>(g + c), V::load(bias + f + c)), dv = Load<V>(d + c);
-      const typename V::T hv = V::add(Load<V>(h + c), V::load(bias + c));
+      const typename V::T gv = V::add(V::load(g + c), V::load(bias + f + c)), dv = V::load(d + c);
+      const typename V::T hv = V::add(V::load(h + c), V::load(bias + c));
       const typename V::T cdf = Phi<V>(gv);
       // exp(-g^2 / 2) / sqrt(2 pi)
       const typename V::T pdf =
           V::mul(V::exp(V::mul(V::mul(gv, gv), V::set1(-0.5f))), V::set1(0.39894228040143268f));
       const typename V::T dhv = V::mul(dv, V::mul(gv, cdf));
       const typename V::T dgv = V::mul(V::mul(dv, hv), V::fmadd(gv, pdf, cdf));
-      Store<V>(dh + c, dhv);
-      Store<V>(dg + c, dgv);
+      V::store(dh + c, dhv);
+      V::store(dg + c, dgv);
       V::store(dbias + c, V::add(V::load(dbias + c), dhv));
       V::store(dbias + f + c, V::add(V::load(dbias + f + c), dgv));
     }

@@ -2,20 +2,6 @@
 // Included inside a per-ISA namespace after the target pragma; the includer has included <cstdint> and
 // <cstring>.
 
-// Loads / stores of W elements of float32 or bfloat16 data.
-template <class V>
-typename V::T Ld(const void* base, int64_t i, bool bf16) {
-  return bf16 ? V::loadbf(static_cast<const uint16_t*>(base) + i) : V::load(static_cast<const float*>(base) + i);
-}
-
-template <class V>
-void St(void* base, int64_t i, bool bf16, typename V::T v) {
-  if (bf16)
-    V::storebf(static_cast<uint16_t*>(base) + i, v);
-  else
-    V::store(static_cast<float*>(base) + i, v);
-}
-
 template <class V>
 typename V::T Sigmoid(typename V::T z) {
   return V::div(V::set1(1.0f), V::add(V::set1(1.0f), V::exp(V::sub(V::zero(), z))));
@@ -37,7 +23,7 @@ void Sum(const group_norm_detail::Pass& t) {
     for (int64_t i = t.n0; i < t.n1; ++i) {
       const int64_t row = (t.b * p.n + i) * p.c + c0;
       for (int j = 0; j < nv; ++j) {
-        const typename V::T v = Ld<V>(t.x, row + j * V::W, p.bf16);
+        const typename V::T v = V::load(t.x, row + j * V::W, p.bf16);
         if (t.coef[0]) {
           const typename V::T d = V::sub(v, sh[j]);
           acc[j] = V::fmadd(d, d, acc[j]);
@@ -56,9 +42,9 @@ void Normalize(const group_norm_detail::Pass& t) {
   for (int64_t i = t.n0; i < t.n1; ++i) {
     const int64_t row = (t.b * p.n + i) * p.c;
     for (int64_t c = 0; c < p.c; c += V::W) {
-      typename V::T z = V::fmadd(Ld<V>(t.x, row + c, p.bf16), V::load(t.coef[0] + c), V::load(t.coef[1] + c));
+      typename V::T z = V::fmadd(V::load(t.x, row + c, p.bf16), V::load(t.coef[0] + c), V::load(t.coef[1] + c));
       if (p.silu) z = V::mul(z, Sigmoid<V>(z));
-      St<V>(t.out, row + c, p.bf16, z);
+      V::store(t.out, row + c, p.bf16, z);
     }
   }
 }
@@ -67,8 +53,8 @@ void Normalize(const group_norm_detail::Pass& t) {
 template <class V>
 void DzXhat(const group_norm_detail::Pass& t, int64_t row, int64_t c, typename V::T* dz, typename V::T* xhat) {
   const auto& p = *t.p;
-  const typename V::T x = Ld<V>(t.x, row + c, p.bf16);
-  typename V::T d = Ld<V>(t.dy, row + c, p.bf16);
+  const typename V::T x = V::load(t.x, row + c, p.bf16);
+  typename V::T d = V::load(t.dy, row + c, p.bf16);
   if (p.silu) {
     const typename V::T z = V::fmadd(x, V::load(t.coef[0] + c), V::load(t.coef[1] + c));
     const typename V::T s = Sigmoid<V>(z);
@@ -110,7 +96,7 @@ void GradInput(const group_norm_detail::Pass& t) {
       typename V::T dz, xh;
       DzXhat<V>(t, row, c, &dz, &xh);
       const typename V::T g = V::fmadd(dz, V::load(t.coef[4] + c), V::load(t.coef[5] + c));
-      St<V>(t.out, row + c, p.bf16, V::fmadd(xh, V::load(t.coef[6] + c), g));
+      V::store(t.out, row + c, p.bf16, V::fmadd(xh, V::load(t.coef[6] + c), g));
     }
   }
 }

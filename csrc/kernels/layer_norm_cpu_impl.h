@@ -2,21 +2,6 @@
 // Included inside a per-ISA namespace after the target pragma; the includer has included <cmath>,
 // <cstdint> and <cstring>. Both passes are templated on the data type (kBf16: bfloat16, else float32).
 
-// Loads / stores of W elements of float32 or bfloat16 data.
-template <class V, bool kBf16>
-typename V::T Ld(const void* base, int64_t i) {
-  if constexpr (kBf16) return V::loadbf(static_cast<const uint16_t*>(base) + i);
-  return V::load(static_cast<const float*>(base) + i);
-}
-
-template <class V, bool kBf16>
-void St(void* base, int64_t i, typename V::T v) {
-  if constexpr (kBf16)
-    V::storebf(static_cast<uint16_t*>(base) + i, v);
-  else
-    V::store(static_cast<float*>(base) + i, v);
-}
-
 // Per row: the sum of x, then of (x - mean)^2 (four accumulators each; the row is in L1 after the first
 // pass), then y = (x - mean) * (rstd * scale) + bias.
 template <class V, bool kBf16>
@@ -35,26 +20,26 @@ void Forward(const layer_norm_detail::Rows& t) {
     T a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
     int64_t i = 0;
     for (; i < c4; i += 4 * W) {
-      a0 = V::add(a0, Ld<V, kBf16>(x, row + i));
-      a1 = V::add(a1, Ld<V, kBf16>(x, row + i + W));
-      a2 = V::add(a2, Ld<V, kBf16>(x, row + i + 2 * W));
-      a3 = V::add(a3, Ld<V, kBf16>(x, row + i + 3 * W));
+      a0 = V::add(a0, V::load(x, row + i, kBf16));
+      a1 = V::add(a1, V::load(x, row + i + W, kBf16));
+      a2 = V::add(a2, V::load(x, row + i + 2 * W, kBf16));
+      a3 = V::add(a3, V::load(x, row + i + 3 * W, kBf16));
     }
-    for (; i < c; i += W) a0 = V::add(a0, Ld<V, kBf16>(x, row + i));
+    for (; i < c; i += W) a0 = V::add(a0, V::load(x, row + i, kBf16));
     const float m = V::hsum(V::add(V::add(a0, a1), V::add(a2, a3))) / count;
     const T mv = V::set1(m);
     a0 = a1 = a2 = a3 = V::zero();
     for (i = 0; i < c4; i += 4 * W) {
-      const T d0 = V::sub(Ld<V, kBf16>(x, row + i), mv), d1 = V::sub(Ld<V, kBf16>(x, row + i + W), mv);
-      const T d2 = V::sub(Ld<V, kBf16>(x, row + i + 2 * W), mv);
-      const T d3 = V::sub(Ld<V, kBf16>(x, row + i + 3 * W), mv);
+      const T d0 = V::sub(V::load(x, row + i, kBf16), mv), d1 = V::sub(V::load(x, row + i + W, kBf16), mv);
+      const T d2 = V::sub(V::load(x, row + i + 2 * W, kBf16), mv);
+      const T d3 = V::sub(V::load(x, row + i + 3 * W, kBf16), mv);
       a0 = V::fmadd(d0, d0, a0);
       a1 = V::fmadd(d1, d1, a1);
       a2 = V::fmadd(d2, d2, a2);
       a3 = V::fmadd(d3, d3, a3);
     }
     for (; i < c; i += W) {
-      const T d = V::sub(Ld<V, kBf16>(x, row + i), mv);
+      const T d = V::sub(V::load(x, row + i, kBf16), mv);
       a0 = V::fmadd(d, d, a0);
     }
     const float var = V::hsum(V::add(V::add(a0, a1), V::add(a2, a3))) / count;
@@ -63,8 +48,8 @@ void Forward(const layer_norm_detail::Rows& t) {
     t.rstd[r] = rs;
     const T rv = V::set1(rs);
     for (i = 0; i < c; i += W) {
-      const T d = V::sub(Ld<V, kBf16>(x, row + i), mv);
-      St<V, kBf16>(y, row + i, V::fmadd(d, V::mul(rv, V::load(scale + i)), V::load(bias + i)));
+      const T d = V::sub(V::load(x, row + i, kBf16), mv);
+      V::store(y, row + i, kBf16, V::fmadd(d, V::mul(rv, V::load(scale + i)), V::load(bias + i)));
     }
   }
 }
@@ -88,8 +73,8 @@ void Backward(const layer_norm_detail::Rows& t) {
   std::memset(sum2, 0, c * sizeof(float));
   // One vector of the first pass: the row sums s1 += g, s2 += g * xhat; sum1 += dy, sum2 += dy * xhat.
   auto sums = [&](int64_t row, int64_t i, T mv, T rv, T* s1, T* s2) {
-    const T d = Ld<V, kBf16>(dy, row + i);
-    const T xh = V::mul(V::sub(Ld<V, kBf16>(x, row + i), mv), rv);
+    const T d = V::load(dy, row + i, kBf16);
+    const T xh = V::mul(V::sub(V::load(x, row + i, kBf16), mv), rv);
     const T g = V::mul(d, V::load(scale + i));
     *s1 = V::add(*s1, g);
     *s2 = V::fmadd(g, xh, *s2);
@@ -110,9 +95,9 @@ void Backward(const layer_norm_detail::Rows& t) {
     const float m1 = V::hsum(V::add(s1a, s1b)) / count, m2 = V::hsum(V::add(s2a, s2b)) / count;
     const T k1 = V::set1(-rs * m1), k2 = V::set1(-rs * m2);
     for (i = 0; i < c; i += W) {
-      const T xh = V::mul(V::sub(Ld<V, kBf16>(x, row + i), mv), rv);
-      const T g = V::mul(Ld<V, kBf16>(dy, row + i), V::load(scale + i));
-      St<V, kBf16>(dx, row + i, V::fmadd(xh, k2, V::fmadd(g, rv, k1)));
+      const T xh = V::mul(V::sub(V::load(x, row + i, kBf16), mv), rv);
+      const T g = V::mul(V::load(dy, row + i, kBf16), V::load(scale + i));
+      V::store(dx, row + i, kBf16, V::fmadd(xh, k2, V::fmadd(g, rv, k1)));
     }
   }
 }

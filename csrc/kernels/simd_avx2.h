@@ -3,7 +3,8 @@
 //
 // V: T (register type), W (floats per register), kAcc (accumulator registers a micro-tile may use),
 // load / store (unaligned), set1, zero, add, sub, mul, div, fmadd, min, max, hmax, hsum, exp, and load / store of
-// W bfloat16 values (loadbf / storebf: widened to / rounded from float32, round to nearest even).
+// W bfloat16 values (loadbf / storebf: widened to / rounded from float32, round to nearest even;
+// also as load / store overloads on uint16_t pointers and on an untyped base + bfloat16 flag).
 struct V {
   using T = __m256;
   static constexpr int W = 8;
@@ -29,6 +30,19 @@ struct V {
     r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
                      _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+  }
+  // The same through the element type: float32 or bfloat16 (uint16_t) pointers, or an untyped base with
+  // an element offset i and a run-time (or constant-folded) bfloat16 flag.
+  static T load(const uint16_t* p) { return loadbf(p); }
+  static void store(uint16_t* p, T x) { storebf(p, x); }
+  static T load(const void* base, int64_t i, bool bf16) {
+    return bf16 ? loadbf(static_cast<const uint16_t*>(base) + i) : load(static_cast<const float*>(base) + i);
+  }
+  static void store(void* base, int64_t i, bool bf16, T x) {
+    if (bf16)
+      storebf(static_cast<uint16_t*>(base) + i, x);
+    else
+      store(static_cast<float*>(base) + i, x);
   }
   static T min(T a, T b) { return _mm256_min_ps(a, b); }
   static T max(T a, T b) { return _mm256_max_ps(a, b); }

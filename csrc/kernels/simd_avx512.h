@@ -3,7 +3,8 @@
 //
 // V: T (register type), W (floats per register), kAcc (accumulator registers a micro-tile may use),
 // load / store (unaligned), set1, zero, add, sub, mul, div, fmadd, min, max, hmax, hsum, exp, and load / store of
-// W bfloat16 values (loadbf / storebf: widened to / rounded from float32, round to nearest even).
+// W bfloat16 values (loadbf / storebf: widened to / rounded from float32, round to nearest even;
+// also as load / store overloads on uint16_t pointers and on an untyped base + bfloat16 flag).
 struct V {
   using T = __m512;
   static constexpr int W = 16;
@@ -27,6 +28,19 @@ struct V {
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
     r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  }
+  // The same through the element type: float32 or bfloat16 (uint16_t) pointers, or an untyped base with
+  // an element offset i and a run-time (or constant-folded) bfloat16 flag.
+  static T load(const uint16_t* p) { return loadbf(p); }
+  static void store(uint16_t* p, T x) { storebf(p, x); }
+  static T load(const void* base, int64_t i, bool bf16) {
+    return bf16 ? loadbf(static_cast<const uint16_t*>(base) + i) : load(static_cast<const float*>(base) + i);
+  }
+  static void store(void* base, int64_t i, bool bf16, T x) {
+    if (bf16)
+      storebf(static_cast<uint16_t*>(base) + i, x);
+    else
+      store(static_cast<float*>(base) + i, x);
   }
   static T min(T a, T b) { return _mm512_min_ps(a, b); }
   static T max(T a, T b) { return _mm512_max_ps(a, b); }
