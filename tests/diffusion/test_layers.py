@@ -146,7 +146,7 @@ def test_conv3x3_tap_path_limits(no_native_conv):
 
 def test_dense_weight_gradient_routing_and_values(monkeypatch):
     """float32 dense layers of <= 256 output features take their weight gradient from the native kernels on
-    CPU (``_dense_native_dw``): the same value and gradients as a plain ``nn.Dense``; wider layers, bf16
+    CPU (``_dense_native``): the same value and gradients as a plain ``nn.Dense``; wider layers, bf16
     and ``TSJAX_NATIVE_DENSE=0`` keep XLA's."""
     from tsjax.ops import conv as native_conv
     if not native_conv.native_available():
@@ -170,6 +170,46 @@ def test_dense_weight_gradient_routing_and_values(monkeypatch):
     assert "tsjax_conv" not in grads(layers.dense(128, "d", jnp.bfloat16), jnp.bfloat16)[1]
     monkeypatch.setenv("TSJAX_NATIVE_DENSE", "0")
     assert "tsjax_conv" not in grads(layers.dense(128, "d", jnp.float32))[1]
+
+
+def _native_products(text: str) -> tuple[bool, bool, bool]:
+    """(value, input gradient, weight gradient) of the dense layers in lowered ``text`` on the native kernels."""
+    calls = [line for line in text.split("\n") if "stablehlo.custom_call @tsjax_conv" in line]
+    return (any("@tsjax_conv_forward" in c and "flip = false" in c for c in calls),
+            any("@tsjax_conv_forward" in c and "flip = true" in c for c in calls),
+            any("@tsjax_conv_kernel_grad" in c for c in calls))
+
+
+@pytest.mark.parametrize("rows,k,n,route", [
+    (2048, 64, 64, (True, True, True)),       # many rows, narrow: all three products native
+    (2048, 64, 1024, (False, True, False)),   # wide output (GEGLU-like): value and weight gradient XLA's
+    (2048, 1024, 64, (True, False, True)),    # wide input: input gradient XLA's
+    (2000, 64, 64, (False, False, True)),     # fewer rows than _NATIVE_MIN_ROWS: the weight gradient only
+    (2048, 72, 64, (True, False, True)),      # K not a multiple of 16: input gradient XLA's
+])
+def test_dense_many_row_routing_and_values(rows, k, n, route, monkeypatch):
+    """float32 dense layers over >= 2048 rows run their value (N <= 640) and input gradient (K <= 640) on the
+    native 1x1-conv kernels on CPU (``_dense_native``), with the same value and gradients as a plain
+    ``nn.Dense`` (float32 sums in another order: within 3e-6 of the largest entry); TSJAX_NATIVE_DENSE=0
+    keeps all three on XLA."""
+    from tsjax.ops import conv as native_conv
+    if not native_conv.native_available():
+        pytest.skip("native CPU kernels not built or this CPU lacks AVX2+FMA")
+    x = jax.random.normal(jax.random.key(0), (2, rows // 2, k), jnp.float32)
+
+    def run(m):
+        p = m.init(jax.random.key(1), x)
+        f = jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(jnp.sin(m.apply(p, x))), argnums=(0, 1)))
+        return f(p, x), f.lower(p, x).as_text()
+
+    (v, (gp, gx)), text = run(layers.dense(n, "d", jnp.float32))
+    assert _native_products(text) == route
+    (pv, (pp, px)), _ = run(nn.Dense(n, param_dtype=jnp.float32))
+    np.testing.assert_allclose(v, pv, rtol=1e-5)
+    for a, b in ((gx, px), (gp["params"]["kernel"], pp["params"]["kernel"]), (gp["params"]["bias"], pp["params"]["bias"])):
+        np.testing.assert_allclose(a, b, rtol=0, atol=3e-6 * float(jnp.max(jnp.abs(b))))
+    monkeypatch.setenv("TSJAX_NATIVE_DENSE", "0")
+    assert _native_products(run(layers.dense(n, "d", jnp.float32))[1]) == (False, False, False)
 
 
 @pytest.mark.parametrize("x_dtype,dtype", [(jnp.float32, jnp.float32), (jnp.float32, jnp.bfloat16),

@@ -133,6 +133,24 @@ def test_matmul_tn_matches_float64():
         assert got.shape == (k, n) and err < 2e-6 and err < 4 * xla_err + 5e-7, (t, k, n, err, xla_err)
 
 
+@pytest.mark.parametrize("t,k,n", [(5, 16, 32), (97, 48, 80), (700, 320, 272), (2400, 640, 64)])
+def test_matmul_nn_and_nt_match_float64(t, k, n):
+    """``matmul_nn`` (x w, a dense layer's value) and ``matmul_nt`` (dy w^T, its input gradient) = a 1x1
+    conv's forward / input gradient: against float64 and no further from it than XLA's product, for one
+    partial micro-tile, odd row counts, several panel groups and more rows than one pixel chunk."""
+    rng = np.random.default_rng(t)
+    x = rng.standard_normal((t, k)).astype(np.float32)
+    w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    dy = rng.standard_normal((t, n)).astype(np.float32)
+    for got, want, xla in ((jax.jit(C.matmul_nn)(x, w), x.astype(np.float64) @ w, jnp.dot(x, w)),
+                           (jax.jit(C.matmul_nt)(dy, w), dy.astype(np.float64) @ w.T.astype(np.float64),
+                            jnp.dot(dy, w.T))):
+        got, xla = np.asarray(got), np.asarray(xla)
+        scale = np.abs(want).max()
+        err, xla_err = np.abs(got - want).max() / scale, np.abs(xla - want).max() / scale
+        assert got.shape == want.shape and err < 2e-6 and err < 4 * xla_err + 5e-7, (t, k, n, err, xla_err)
+
+
 def test_native_conv_under_vmap():
     x, w, stride, pad = _operands((3, 6, 6, 16, 32, 3, 1, ((1, 1), (1, 1))), seed=6)
     ws = np.stack([w, 2 * w, -w])

@@ -83,43 +83,77 @@ def config_from_dict(cls: type, cfg: Mapping[str, Any], *, source: str, what: st
         raise ValueError(f"{source}: {e}") from None
 
 
-# float32 dense layers with at most this many output features (a multiple of 16) take their weight
-# gradient from the native kernels on the CPU (``_dense_native_dw``); TSJAX_NATIVE_DENSE=0 (read at trace
-# time) turns that off.
+# float32 dense layers ``[T, K] x [K, N]`` on the CPU (TSJAX_NATIVE_DENSE=0, read at trace time, keeps all
+# three products on XLA):
+# * the weight gradient ``x^T dy`` runs on the native kernels when ``N <= _NATIVE_DW_MAX_OUT``;
+# * the value ``x w`` when ``T >= _NATIVE_MIN_ROWS`` and ``N <= _NATIVE_MAX_OUT``, and the input gradient
+#   ``dy w^T`` when ``T >= _NATIVE_MIN_ROWS`` and ``K <= _NATIVE_MAX_OUT``;
+# each of those sizes (N for the first two, K for the third) a multiple of 16.
 _NATIVE_DW_MAX_OUT = 256
+_NATIVE_MIN_ROWS = 2048
+_NATIVE_MAX_OUT = 640
 
 
-@jax.custom_vjp
-def _dense_native_dw(x: jax.Array, w: jax.Array) -> jax.Array:
-    """``x @ w`` (``[T, K] x [K, N]``, float32) whose weight gradient ``x^T dy`` runs on tsjax's native
-    kernels on the CPU (``tsjax.ops.conv.matmul_tn``). XLA:CPU runs that transposed-operand product at
-    55-90 GFLOP/s on one Sapphire Rapids-class core for the UNets' narrow layers (``N`` <= 256, ``T`` 128-2048),
-    the packed native GEMM at 1.05-1.4x that (interleaved measurements, bench/README.md); at ``N`` >= 512 XLA's
-    is as fast or faster, so wider layers keep it. The value and the input gradient are XLA's; other
-    platforms use XLA's weight gradient too."""
+def _xla_nn(x, w):
     return jax.lax.dot_general(x, w, (((1,), (0,)), ((), ())))
 
 
-def _dense_native_dw_fwd(x, w):
-    return _dense_native_dw(x, w), (x, w)
+def _xla_nt(dy, w):
+    return jax.lax.dot_general(dy, w, (((1,), (1,)), ((), ())))
 
 
-def _dense_native_dw_bwd(res, dy):
+def _xla_tn(x, dy):
+    return jax.lax.dot_general(x, dy, (((0,), (0,)), ((), ())))
+
+
+def _product(native: bool, native_fn, xla_fn, a, b):
+    """``native_fn(a, b)`` in CPU programs when ``native`` (``lax.platform_dependent``), else ``xla_fn``."""
+    if not native:
+        return xla_fn(a, b)
+    return jax.lax.platform_dependent(a, b, cpu=native_fn, default=xla_fn)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dense_native(x: jax.Array, w: jax.Array, route: tuple[bool, bool, bool]) -> jax.Array:
+    """``x @ w`` (``[T, K] x [K, N]``, float32) whose value, input gradient and weight gradient run on tsjax's
+    native kernels on the CPU where ``route`` (three booleans, in that order) says so
+    (``tsjax.ops.conv.matmul_nn`` / ``matmul_nt`` / ``matmul_tn``: a 1x1 conv's forward, input gradient and
+    kernel gradient), XLA's ``dot_general`` otherwise and on other platforms.
+
+    Why (one Sapphire Rapids-class core, interleaved rounds, bench/README.md): XLA:CPU runs the weight
+    gradient of the UNets' narrow layers (``N`` <= 256, ``T`` 128-2048) at 55-90 GFLOP/s, the packed native
+    GEMM at 1.05-1.4x that (at ``N`` >= 512 XLA's is as fast or faster); the value and input gradient of
+    the many-row layers (``T`` >= 2048 tokens, <= 640 outputs: the attention projections, ``proj_in`` /
+    ``proj_out``, the feed-forward output) take 0.89-0.96x XLA's time on the native forward kernel, the
+    wide GEGLU projections' value (1024-2560 outputs) 1.03-1.07x, so those keep XLA's."""
+    return _product(route[0], native_conv.matmul_nn, _xla_nn, x, w)
+
+
+def _dense_native_fwd(x, w, route):
+    return _dense_native(x, w, route), (x, w)
+
+
+def _dense_native_bwd(route, res, dy):
     x, w = res
-    dx = jax.lax.dot_general(dy, w, (((1,), (1,)), ((), ())))
-    dw = jax.lax.platform_dependent(x, dy, cpu=native_conv.matmul_tn,
-                                    default=lambda x_, dy_: jax.lax.dot_general(x_, dy_, (((0,), (0,)), ((), ()))))
-    return dx, dw
+    return (_product(route[1], native_conv.matmul_nt, _xla_nt, dy, w),
+            _product(route[2], native_conv.matmul_tn, _xla_tn, x, dy))
 
 
-_dense_native_dw.defvjp(_dense_native_dw_fwd, _dense_native_dw_bwd)
+_dense_native.defvjp(_dense_native_fwd, _dense_native_bwd)
 
 
-def _takes_native_dw(lhs, rhs, precision, preferred_element_type, kw) -> bool:
-    n = rhs.shape[1]
-    return (precision is None and preferred_element_type is None and not kw
-            and lhs.dtype == rhs.dtype == jnp.float32 and n % 16 == 0 and n <= _NATIVE_DW_MAX_OUT
-            and os.environ.get("TSJAX_NATIVE_DENSE", "1") != "0" and native_conv.native_available())
+def _native_route(lhs, rhs, precision, preferred_element_type, kw) -> tuple[bool, bool, bool] | None:
+    """Which of a ``[T, K] x [K, N]`` dense layer's (value, input gradient, weight gradient) products run on
+    the native kernels (see ``_NATIVE_MIN_ROWS``), or None when none does."""
+    if not (precision is None and preferred_element_type is None and not kw
+            and lhs.dtype == rhs.dtype == jnp.float32
+            and os.environ.get("TSJAX_NATIVE_DENSE", "1") != "0" and native_conv.native_available()):
+        return None
+    (t, k), n = lhs.shape, rhs.shape[1]
+    many = t >= _NATIVE_MIN_ROWS
+    route = (many and n % 16 == 0 and n <= _NATIVE_MAX_OUT, many and k % 16 == 0 and k <= _NATIVE_MAX_OUT,
+             n % 16 == 0 and n <= _NATIVE_DW_MAX_OUT)
+    return route if any(route) else None
 
 
 def _dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
@@ -133,8 +167,9 @@ def _dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_
     * On the CPU, bfloat16 products accumulate into float32 and are rounded back (XLA:CPU runs bf16 x
       bf16 -> f32 dots on AMX / AVX512-BF16 where the CPU has them, but upcasts a bf16 -> bf16 dot to a
       float32 one: 71-93 vs 217-323 GFLOP/s on one Sapphire Rapids-class core).
-    * float32 ``[T, K] x [K, N]`` with ``N`` <= ``_NATIVE_DW_MAX_OUT`` (a multiple of 16): ``_dense_native_dw``,
-      whose weight gradient runs on the native kernels on the CPU.
+    * float32 ``[T, K] x [K, N]``: ``_dense_native``, whose products run on the native kernels on the CPU
+      where ``_native_route`` says (the weight gradient of narrow layers; the value and input gradient of
+      many-row, narrow ones).
 
     Elsewhere, and for other dtypes, ``lax.dot_general`` as given."""
     (lc, rc), (lb, rb) = dimension_numbers
@@ -143,9 +178,10 @@ def _dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_
         out = _dot_general(lhs.reshape(-1, lhs.shape[-1]), rhs, (((1,), (0,)), ((), ())), precision,
                            preferred_element_type, **kw)
         return out.reshape(*lhs.shape[:-1], out.shape[-1])
-    if (lhs.ndim == rhs.ndim == 2 and tuple(lc) == (1,) and tuple(rc) == (0,) and not lb and not rb
-            and _takes_native_dw(lhs, rhs, precision, preferred_element_type, kw)):
-        return _dense_native_dw(lhs, rhs)
+    if lhs.ndim == rhs.ndim == 2 and tuple(lc) == (1,) and tuple(rc) == (0,) and not lb and not rb:
+        route = _native_route(lhs, rhs, precision, preferred_element_type, kw)
+        if route is not None:
+            return _dense_native(lhs, rhs, route)
     if (preferred_element_type is None and lhs.dtype == rhs.dtype == jnp.bfloat16
             and jax.default_backend() == "cpu"):
         out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type=jnp.float32, **kw)

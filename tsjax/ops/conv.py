@@ -16,6 +16,10 @@ FFI calls into ``csrc/kernels/conv_cpu*.cc`` (AVX-512F or AVX2+FMA, chosen at ru
   conv's is one GEMM, run with both operands copied into contiguous blocks first (also
   :func:`matmul_tn`, the weight gradient of ``tsjax.diffusion.layers``' narrow dense layers).
 
+:func:`matmul_nn` / :func:`matmul_nt` are a 1x1 conv's forward / input gradient over ``T`` pixels: the
+dense layers' ``x w`` and ``dy w^T`` on the same kernels (``tsjax.diffusion.layers`` sends the many-row,
+narrow ones there).
+
 float32, float32 accumulation; results do not depend on the thread count. bfloat16 operands of a stride-1
 conv run on Intel AMX tiles where the CPU has them (``_ffi.cpu_amx_bf16``: forward and input gradient
 in bf16 with float32 accumulation, the kernel gradient through the float32 kernel); elsewhere bf16 convs
@@ -34,7 +38,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-__all__ = ["conv2d", "matmul_tn", "native_available", "native_eligible"]
+__all__ = ["conv2d", "matmul_nn", "matmul_nt", "matmul_tn", "native_available", "native_eligible"]
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
 _DN = ("NHWC", "HWIO", "NHWC")
@@ -108,6 +112,23 @@ def matmul_tn(x: jax.Array, dy: jax.Array) -> jax.Array:
     (t, k), n = x.shape, dy.shape[1]
     return _native_kernel_grad(x.reshape(1, 1, t, k), dy.reshape(1, 1, t, n), (1, 1, k, n), (1, 1),
                                ((0, 0), (0, 0))).reshape(k, n)
+
+
+def matmul_nn(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x w`` on the native kernels: ``x`` ``[T, K]``, ``w`` ``[K, N]``, float32, ``N`` a multiple of 16 ->
+    ``[T, N]`` float32 (a dense layer's value): the forward of a 1x1 conv over ``T`` pixels (packed weight
+    panels, rows of ``x`` read in place). CPU programs only, as :func:`matmul_tn`."""
+    (t, k), n = x.shape, w.shape[1]
+    return _native_forward(x.reshape(1, 1, t, k), w.reshape(1, 1, k, n), (1, 1), ((0, 0), (0, 0))).reshape(t, n)
+
+
+def matmul_nt(dy: jax.Array, w: jax.Array) -> jax.Array:
+    """``dy w^T`` on the native kernels: ``dy`` ``[T, N]``, ``w`` ``[K, N]``, float32, ``K`` a multiple of 16
+    -> ``[T, K]`` float32 (a dense layer's input gradient): the input gradient of a 1x1 conv, ``w`` read
+    transposed by the kernels' weight packing (no transposed copy). CPU programs only, as :func:`matmul_tn`."""
+    (t, n), k = dy.shape, w.shape[0]
+    return _native_forward(dy.reshape(1, 1, t, n), w.reshape(1, 1, k, n), (1, 1), ((0, 0), (0, 0)),
+                           flip=True).reshape(t, k)
 
 
 def _strided_input_grad(dy, w, stride, padding, x_hw):
