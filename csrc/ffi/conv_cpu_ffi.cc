@@ -42,7 +42,8 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
       e.failure())
     return e;
   p.flip = flip;
-  tsjax::ConvForwardCpu(p, x.typed_data(), w.typed_data(), y->typed_data(), tsjax::CpuIsaFromEnv(), PoolParallelFor(pool, "TSJAX_CPU_THREADS"));
+  tsjax::ConvForwardCpu(p, x.typed_data(), w.typed_data(), y->typed_data(), tsjax::CpuIsaFromEnv(),
+                        PoolParallelFor(pool, "TSJAX_CPU_THREADS"), PoolThreads(pool, "TSJAX_CPU_THREADS"));
   return ffi::Error::Success();
 }
 

@@ -39,9 +39,10 @@ struct ConvParams {
 };
 
 // y = conv(x, w) as above. `isa` must not exceed CpuBestIsa(). Scratch: packed weights (kh*kw*ci*co
-// floats, rounded up to 64 output channels).
+// floats, rounded up to 64 output channels). `threads` as ConvKernelGradCpu's: it only decides how finely
+// the work is split, never the result.
 void ConvForwardCpu(const ConvParams& p, const float* x, const float* w, float* y, CpuIsa isa,
-                    const ParallelFor& parallel_for);
+                    const ParallelFor& parallel_for, int64_t threads = 0);
 
 // dw = kernel gradient as above (dw is overwritten). `threads`: how many threads parallel_for runs its items
 // on (0: not known, taken as 4); it only decides how finely the work is split, never the result.

@@ -24,6 +24,7 @@ constexpr int64_t kMc = 16 * kMr;
 constexpr int64_t kKc = 1024;
 constexpr int64_t kGroupBytes = 512 * 1024;
 constexpr int64_t kMaxGroup = 4;
+constexpr int64_t kFwdItemsPerThread = 4;
 // Output maps of at most this many pixels (all images) are one chunk, each panel packed by its item.
 constexpr int64_t kSmallM = 64 * kMr;
 // Kernel gradient: a work item is about kCiBlock input channels x one panel x a group of taps (all taps
@@ -162,7 +163,7 @@ void DenseKernelGrad(int64_t kk, int64_t ci, int64_t co, const float* x, const f
 }  // namespace
 
 void ConvForwardCpu(const ConvParams& p, const float* x, const float* w, float* y, CpuIsa isa,
-                    const ParallelFor& parallel_for) {
+                    const ParallelFor& parallel_for, int64_t threads) {
   const int64_t taps = p.kh * p.kw, m_total = p.batch * p.ho * p.wo;
   const int64_t npan = CeilDiv(p.co, kPanel), panel_size = taps * p.ci * kPanel;
   // Small maps (all pixels in one chunk): each work item packs its own panel into a per-thread buffer
@@ -183,12 +184,13 @@ void ConvForwardCpu(const ConvParams& p, const float* x, const float* w, float* 
   const int64_t nchunks = CeilDiv(m_total, mchunk);
   // Panels per work item: the item runs every panel of its group on one pixel micro-tile before the
   // next, so the tile's x rows stay in L1 while the group's packed weight blocks (up to kGroupBytes) are
-  // read from L2.
+  // read from L2. Smaller groups where that would leave fewer than kFwdItemsPerThread items per thread.
   int64_t kc_max = 1;
   for (const KBlock& kb : kblocks) kc_max = std::max<int64_t>(kc_max, kb.nt * kb.nc);
-  const int64_t G = per_item ? 1
-                             : std::clamp<int64_t>(kGroupBytes / (kc_max * kPanel * int64_t{sizeof(float)}), 1,
-                                                   kMaxGroup);
+  int64_t G = per_item ? 1
+                       : std::clamp<int64_t>(kGroupBytes / (kc_max * kPanel * int64_t{sizeof(float)}), 1, kMaxGroup);
+  const int64_t min_items = kFwdItemsPerThread * (threads > 0 ? threads : 4);
+  while (G > 1 && nchunks * CeilDiv(npan, G) < min_items) G /= 2;
   const int64_t ngroups = CeilDiv(npan, G);
   parallel_for(nchunks * ngroups, [&](int64_t item) {
     const int64_t chunk = item / ngroups, grp = item % ngroups;
