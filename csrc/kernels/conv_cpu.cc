@@ -4,6 +4,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
+#include <utility>
 #include <vector>
 
 #include "kernels/conv.h"
@@ -21,6 +23,12 @@ using conv_detail::kPanel;
 // 256 KiB) stays in L2. One thread, interleaved A/B of the same build with and without groups: 1x1 convs
 // (dense layers) 8192x320 -> 320 / 2560, 2048x640 -> 640 / 5120: 0.90-0.97; 3x3 convs: 0.97-1.005.
 constexpr int64_t kMc = 16 * kMr;
+// Panels longer than L2 (taps * ci >= kBigPanelK: 2.25 MiB packed) stream their weights from L3 once per
+// chunk, so those convs take chunks of kMcBig pixels. One thread, interleaved A/B: 3x3 convs with ci of
+// 1024-2560 on 16x16 / 32x32 maps 0.82-0.87 with 288-pixel chunks; 3x3 convs with ci of 320-640 on 64x64
+// maps were 1.03-1.13 with them, so they keep kMc.
+constexpr int64_t kMcBig = 48 * kMr;
+constexpr int64_t kBigPanelK = 9 * 1024;
 constexpr int64_t kKc = 1024;
 constexpr int64_t kGroupBytes = 512 * 1024;
 constexpr int64_t kMaxGroup = 4;
@@ -49,6 +57,69 @@ AlignedBuf Alloc(int64_t n) {
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Packed-weight buffers kept between calls. A fresh allocation of tens of MB is a fresh mmap whose pages
+// are faulted in and zeroed on first touch, on every call (at 2x16x16x1280 -> 1280, 3x3, one thread,
+// keeping the buffer measured 0.89-0.92 per round with the old one-panel-at-a-time packing, 0.97-0.98 with
+// the streamed packing below). A call takes the smallest kept buffer that is large enough (or allocates) and gives it
+// back when done; at most kKeepBytes stay allocated between calls (larger or surplus buffers are freed).
+constexpr size_t kKeepBytes = size_t{256} << 20;
+
+class PackBuffers {
+ public:
+  struct Lease {
+    PackBuffers* owner;
+    size_t cap;
+    AlignedBuf buf;
+    Lease(PackBuffers* o, size_t c, AlignedBuf b) : owner(o), cap(c), buf(std::move(b)) {}
+    Lease(Lease&&) = default;
+    ~Lease() {
+      if (buf) owner->Give(cap, std::move(buf));
+    }
+    float* get() const { return buf.get(); }
+  };
+
+  Lease Take(int64_t n) {
+    const size_t need = static_cast<size_t>(std::max<int64_t>(n, 1));
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      size_t best = kept_.size();
+      for (size_t i = 0; i < kept_.size(); ++i)
+        if (kept_[i].first >= need && (best == kept_.size() || kept_[i].first < kept_[best].first)) best = i;
+      if (best < kept_.size()) {
+        Lease l(this, kept_[best].first, std::move(kept_[best].second));
+        kept_.erase(kept_.begin() + best);
+        bytes_ -= l.cap * sizeof(float);
+        return l;
+      }
+    }
+    return Lease(this, need, Alloc(n));
+  }
+
+ private:
+  void Give(size_t cap, AlignedBuf buf) {
+    std::lock_guard<std::mutex> lock(mu_);
+    kept_.emplace_back(cap, std::move(buf));
+    bytes_ += cap * sizeof(float);
+    // Over the limit: drop the smallest buffers first (the large ones are the costly ones to re-fault).
+    while (bytes_ > kKeepBytes && !kept_.empty()) {
+      size_t smallest = 0;
+      for (size_t i = 1; i < kept_.size(); ++i)
+        if (kept_[i].first < kept_[smallest].first) smallest = i;
+      bytes_ -= kept_[smallest].first * sizeof(float);
+      kept_.erase(kept_.begin() + smallest);
+    }
+  }
+
+  std::mutex mu_;
+  std::vector<std::pair<size_t, AlignedBuf>> kept_;
+  size_t bytes_ = 0;
+};
+
+PackBuffers& SharedPackBuffers() {
+  static PackBuffers* pool = new PackBuffers();  // never destroyed: no teardown-order hazard at exit
+  return *pool;
+}
+
 // Smallest k >= 0 with k * s + off >= 0, and one past the largest k with k * s + off < lim, clamped to
 // [0, n): the range of output positions whose input position k * s + off lies inside [0, lim).
 void ValidRange(int64_t off, int64_t s, int64_t lim, int64_t n, int64_t* lo, int64_t* hi) {
@@ -59,7 +130,9 @@ void ValidRange(int64_t off, int64_t s, int64_t lim, int64_t n, int64_t* lo, int
 }
 
 // Panel pn of this conv's weights: dst[t][c][0:64] = w'[t][c][pn * 64 + n] (zero past co), where w' is w
-// ([t][c][co] rows) or, for a flipped kernel, w[taps-1-t][co][c] (read in 16 x 64 blocks).
+// ([t][c][co] rows) or, for a flipped kernel, w[taps-1-t][co][c]. The flipped kernel is transposed in
+// 16 x 16 blocks: 16 source rows are read forward together (prefetch-friendly streams) and every packed
+// line is written whole.
 void PackPanel(const ConvParams& p, const float* w, int64_t pn, float* dst) {
   const int64_t taps = p.kh * p.kw, n0 = pn * kPanel, nn = std::min<int64_t>(kPanel, p.co - n0);
   for (int64_t t = 0; t < taps; ++t) {
@@ -72,12 +145,41 @@ void PackPanel(const ConvParams& p, const float* w, int64_t pn, float* dst) {
       continue;
     }
     const float* src = w + (taps - 1 - t) * p.co * p.ci;
-    for (int64_t c0 = 0; c0 < p.ci; c0 += 16) {
-      const int64_t cn = std::min<int64_t>(16, p.ci - c0);
-      for (int64_t n = 0; n < kPanel; ++n)
-        for (int64_t c = 0; c < cn; ++c) d[(c0 + c) * kPanel + n] = n < nn ? src[(n0 + n) * p.ci + c0 + c] : 0.0f;
+    for (int64_t nb = 0; nb < kPanel; nb += 16) {
+      const int64_t nr = std::clamp<int64_t>(nn - nb, 0, 16);  // valid source rows of this block
+      for (int64_t c0 = 0; c0 < p.ci; c0 += 16) {
+        const int64_t cn = std::min<int64_t>(16, p.ci - c0);
+        float tile[16][16];
+        for (int64_t r = 0; r < 16; ++r) {
+          const float* row = src + (n0 + nb + r) * p.ci + c0;
+          for (int64_t c = 0; c < 16; ++c) tile[c][r] = (r < nr && c < cn) ? row[c] : 0.0f;
+        }
+        for (int64_t c = 0; c < cn; ++c) std::memcpy(d + (c0 + c) * kPanel + nb, tile[c], 16 * sizeof(float));
+      }
     }
   }
+}
+
+// Every panel of a non-flipped kernel into dst (panel pn at dst + pn * panel_size), walking w's rows in
+// order and scattering each over the panels: w is read as one forward stream (one panel at a time would
+// read 256-byte pieces at a stride of co floats, one memory latency each).
+void PackAllPanels(const ConvParams& p, const float* w, float* dst, const ParallelFor& parallel_for) {
+  const int64_t rows = p.kh * p.kw * p.ci, npan = CeilDiv(p.co, kPanel), panel_size = rows * kPanel;
+  if (p.flip) {
+    parallel_for(npan, [&](int64_t pn) { PackPanel(p, w, pn, dst + pn * panel_size); });
+    return;
+  }
+  constexpr int64_t kRowsPerItem = 256;
+  parallel_for(CeilDiv(rows, kRowsPerItem), [&](int64_t item) {
+    const int64_t r1 = std::min(rows, (item + 1) * kRowsPerItem);
+    for (int64_t r = item * kRowsPerItem; r < r1; ++r)
+      for (int64_t pn = 0; pn < npan; ++pn) {
+        const int64_t nn = std::min<int64_t>(kPanel, p.co - pn * kPanel);
+        float* d = dst + pn * panel_size + r * kPanel;
+        std::memcpy(d, w + r * p.co + pn * kPanel, nn * sizeof(float));
+        if (nn < kPanel) std::memset(d + nn, 0, (kPanel - nn) * sizeof(float));
+      }
+  });
 }
 
 struct KBlock {
@@ -170,11 +272,10 @@ void ConvForwardCpu(const ConvParams& p, const float* x, const float* w, float* 
   // right before using it (the weights are read once, in parallel, and stay in cache); larger maps share
   // one packed copy of the weights.
   const bool per_item = m_total <= kSmallM;
-  const int64_t mchunk = per_item ? m_total : kMc;
-  AlignedBuf shared;
+  const int64_t mchunk = per_item ? m_total : taps * p.ci >= kBigPanelK ? kMcBig : kMc;
+  PackBuffers::Lease shared = SharedPackBuffers().Take(per_item ? 1 : npan * panel_size);
   if (!per_item) {
-    shared = Alloc(npan * panel_size);
-    parallel_for(npan, [&](int64_t pn) { PackPanel(p, w, pn, shared.get() + pn * panel_size); });
+    PackAllPanels(p, w, shared.get(), parallel_for);
   }
   AlignedBuf zeros = Alloc(p.ci);
   std::memset(zeros.get(), 0, p.ci * sizeof(float));
