@@ -174,6 +174,30 @@ def test_native_conv_under_vmap():
     np.testing.assert_allclose(g, gw, rtol=1e-4, atol=1e-4 * float(np.abs(gw).max()))
 
 
+@pytest.mark.parametrize("case", [(1, 12, 12, 32, 48, 3, 2, ((1, 1), (1, 1))), (2, 13, 12, 64, 32, 3, 2, ((0, 1), (0, 1)))],
+                         ids=["s2-same", "s2-vae-downsample"])
+def test_bf16_strided_conv_runs_float32_kernels(case):
+    """bf16 operands of a strided conv: the float32 kernels on float32 copies (forward, strided input
+    gradient, kernel gradient), each result rounded once to bf16: within bf16 rounding of the float32 conv
+    of the same (bf16-valued) operands."""
+    x, w, stride, pad = _operands(case, seed=7)
+    xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+    f = jax.jit(lambda a, b: C.conv2d(a, b, stride, pad))
+    grads = jax.jit(lambda a, b, c: jax.vjp(lambda a_, b_: C.conv2d(a_, b_, stride, pad), a, b)[1](c))
+    y = f(xb, wb)
+    ct = jnp.asarray(np.random.default_rng(2).standard_normal(y.shape), jnp.bfloat16)
+    for text in (f.lower(xb, wb).compile().as_text(), grads.lower(xb, wb, ct).compile().as_text()):
+        assert "tsjax_conv" in text and "convolution(" not in text  # no XLA conv, forward or backward
+    dx, dw = grads(xb, wb, ct)
+    x32, w32 = xb.astype(jnp.float32), wb.astype(jnp.float32)
+    y32, vjp32 = jax.vjp(lambda a, b: C._xla_conv(a, b, stride, pad), x32, w32)
+    dx32, dw32 = vjp32(ct.astype(jnp.float32))
+    for got, want in ((y, y32), (dx, dx32), (dw, dw32)):
+        assert got.dtype == jnp.bfloat16 and got.shape == want.shape
+        err = np.abs(np.asarray(got, np.float32) - np.asarray(want)) / (np.abs(np.asarray(want)) + 1e-3 * np.abs(np.asarray(want)).max())
+        assert err.max() < 2 ** -8, err.max()  # one bf16 rounding (2^-9 relative) plus float32 sums
+
+
 def test_layers_conv_routes_to_native_kernels(monkeypatch):
     from tsjax.diffusion import layers
 
@@ -190,7 +214,8 @@ def test_layers_conv_routes_to_native_kernels(monkeypatch):
     assert "tsjax_conv" not in hlo(4, (1, 8, 8, 16))                   # Cout not a multiple of 16
     bf16 = hlo(32, (1, 8, 8, 16), jnp.bfloat16)                        # bfloat16: AMX where the CPU has it
     assert ("tsjax_conv_forward_bf16" in bf16) == _ffi.cpu_amx_bf16()
-    assert "tsjax_conv_forward_bf16" not in hlo(32, (1, 8, 8, 16), jnp.bfloat16, stride=2)
+    strided_bf16 = hlo(32, (1, 8, 8, 16), jnp.bfloat16, stride=2)  # bf16, stride 2: the float32 kernels
+    assert "tsjax_conv_forward_bf16" not in strided_bf16 and "tsjax_conv_kernel_grad" in strided_bf16
     monkeypatch.setenv("TSJAX_NATIVE_CONV", "0")
     assert "tsjax_conv" not in hlo(32, (1, 8, 8, 16))
 

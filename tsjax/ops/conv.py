@@ -22,8 +22,10 @@ narrow ones there).
 
 float32, float32 accumulation; results do not depend on the thread count. bfloat16 operands of a stride-1
 conv run on Intel AMX tiles where the CPU has them (``_ffi.cpu_amx_bf16``: forward and input gradient
-in bf16 with float32 accumulation, the kernel gradient through the float32 kernel); elsewhere bf16 convs
-are XLA's. On other platforms
+in bf16 with float32 accumulation, the kernel gradient through the float32 kernel); those of a strided
+conv (the VAE's downsamplers) run on the float32 kernels on float32 copies, rounded back to bf16 (XLA's
+bf16 strided conv and its base-dilated input gradient ran at ~30 GFLOP/s in the stage-2 guidance);
+other bf16 convs are XLA's. On other platforms
 (GPU: cuDNN) ``lax.platform_dependent`` selects ``lax.conv_general_dilated`` and its own gradients.
 Under ``vmap`` the native calls run once per mapped element.
 
@@ -57,16 +59,26 @@ def native_available() -> bool:
 
 def native_eligible(x_shape, w_shape, x_dtype, w_dtype, stride=(1, 1)) -> bool:
     """Whether :func:`conv2d` takes the native path for these operands: rank-4, output channels a
-    multiple of 16, the kernels available, and float32 operands, or bfloat16 operands of a stride-1 conv
-    on a CPU with AMX-BF16."""
+    multiple of 16, the kernels available, and float32 operands, or bfloat16 operands (stride 1 on a CPU
+    with AMX-BF16: AMX tiles; other strides: the float32 kernels on float32 copies, see :func:`conv2d`)."""
+    return _route(x_shape, w_shape, x_dtype, w_dtype, stride) is not None
+
+
+def _route(x_shape, w_shape, x_dtype, w_dtype, stride) -> str | None:
+    """``"f32"`` (float32 kernels), ``"amx"`` (bf16 on AMX tiles), ``"f32_cast"`` (bf16 operands of a
+    strided conv, run by the float32 kernels on float32 copies) or None (XLA's convolution)."""
     if not (len(x_shape) == 4 and len(w_shape) == 4 and w_shape[3] % 16 == 0 and x_shape[3] == w_shape[2]
             and jnp.dtype(x_dtype) == jnp.dtype(w_dtype) and native_available()):
-        return False
+        return None
     if jnp.dtype(x_dtype) == jnp.float32:
-        return True
+        return "f32"
+    if jnp.dtype(x_dtype) != jnp.bfloat16:
+        return None
+    if tuple(stride) != (1, 1):
+        return "f32_cast"
     from tsjax.ops import _ffi
 
-    return jnp.dtype(x_dtype) == jnp.bfloat16 and tuple(stride) == (1, 1) and _ffi.cpu_amx_bf16()
+    return "amx" if _ffi.cpu_amx_bf16() else None
 
 
 def _xla_conv(x, w, stride, padding):
@@ -216,7 +228,8 @@ def conv2d(x: jax.Array, w: jax.Array, stride: tuple[int, int] = (1, 1),
     """``lax.conv_general_dilated(x, w, stride, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))``.
 
     Args:
-      x: ``[B, H, W, Cin]``; w: ``[KH, KW, Cin, Cout]``, both float32 (or both bfloat16: AMX, stride 1),
+      x: ``[B, H, W, Cin]``; w: ``[KH, KW, Cin, Cout]``, both float32 (or both bfloat16: AMX at stride 1,
+        the float32 kernels on float32 copies otherwise),
         ``Cout`` a multiple of 16 (see :func:`native_eligible`; other operands go to XLA's convolution
         unchanged).
       stride: ``(sh, sw)``; padding: ``((top, bottom), (left, right))``, each >= 0.
@@ -225,8 +238,14 @@ def conv2d(x: jax.Array, w: jax.Array, stride: tuple[int, int] = (1, 1),
     """
     stride = tuple(int(s) for s in stride)
     padding = tuple((int(a), int(b)) for a, b in padding)
-    if min(min(p) for p in padding) < 0 or not native_eligible(x.shape, w.shape, x.dtype, w.dtype, stride):
+    route = None if min(min(p) for p in padding) < 0 else _route(x.shape, w.shape, x.dtype, w.dtype, stride)
+    if route is None:
         return _xla_conv(x, w, stride, padding)
-    native = (lambda x_, w_: _amx_conv(x_, w_, padding)) if x.dtype == jnp.bfloat16 else \
-        (lambda x_, w_: _native_conv(x_, w_, stride, padding))
+    if route == "amx":
+        native = lambda x_, w_: _amx_conv(x_, w_, padding)  # noqa: E731
+    elif route == "f32_cast":
+        f32 = jnp.float32
+        native = lambda x_, w_: _native_conv(x_.astype(f32), w_.astype(f32), stride, padding).astype(x.dtype)  # noqa: E731
+    else:
+        native = lambda x_, w_: _native_conv(x_, w_, stride, padding)  # noqa: E731
     return jax.lax.platform_dependent(x, w, cpu=native, default=lambda x_, w_: _xla_conv(x_, w_, stride, padding))
