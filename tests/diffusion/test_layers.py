@@ -212,6 +212,46 @@ def test_dense_many_row_routing_and_values(rows, k, n, route, monkeypatch):
     assert _native_products(run(layers.dense(n, "d", jnp.float32))[1]) == (False, False, False)
 
 
+def test_dense_bf16_backward_keeps_bf16_operands():
+    """bfloat16 dense layers on CPU (``_dense_bf16``): the input gradient is a bf16 x bf16 -> f32 product
+    (no float32 dot in the compiled backward), and value and gradients equal those of the plain formulation
+    ``dot(x, w, preferred_element_type=f32).astype(bf16)`` differentiated by JAX: both sum bf16 products in
+    float32 and round once, so they differ by at most a bf16 rounding (2^-8 relative)."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the bf16 dense path is the CPU's")
+    m = layers.dense(96, "d", jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(0), (2, 40, 64), jnp.float32).astype(jnp.bfloat16)
+    p = m.init(jax.random.key(1), x)
+    loss = lambda p, x: jnp.sum(jnp.sin(m.apply(p, x).astype(jnp.float32)))  # noqa: E731
+    f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    hlo = f.lower(p, x).compile().as_text().split("\n")
+
+    def dtype_of(name):
+        decl = [d for d in hlo if d.strip().startswith("%" + name + " =")]
+        return decl[0].split("=", 1)[1].split("[")[0].strip()
+
+    products = {}  # output shape -> operand dtypes, of every dot in the compiled program
+    for line in hlo:
+        if " dot(" in line:
+            args = line.split(" dot(")[1].split(")")[0].split(",")
+            products[line.split("=", 1)[1].split("{")[0].strip()] = [dtype_of(a.strip().lstrip("%")) for a in args]
+    # the value [80, 96] and the input gradient [80, 64] multiply bf16 operands (the weight gradient
+    # x^T dy, [64, 96], XLA:CPU upcasts whatever its operands' dtype)
+    assert products["f32[80,96]"] == ["bf16", "bf16"] and products["f32[80,64]"] == ["bf16", "bf16"], products
+
+    def plain(p, x):
+        w, b = p["params"]["kernel"].astype(jnp.bfloat16), p["params"]["bias"].astype(jnp.bfloat16)
+        y = jax.lax.dot_general(x.reshape(-1, 64), w, (((1,), (0,)), ((), ())),
+                                preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+        return jnp.sum(jnp.sin((y.reshape(2, 40, 96) + b).astype(jnp.float32)))
+
+    (v, (gp, gx)), (pv, (pp, px)) = f(p, x), jax.jit(jax.value_and_grad(plain, argnums=(0, 1)))(p, x)
+    np.testing.assert_allclose(v, pv, rtol=1e-3)
+    for a, b in ((gx, px), (gp["params"]["kernel"], pp["params"]["kernel"]), (gp["params"]["bias"], pp["params"]["bias"])):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.abs(a - b).max() <= 2 ** -7 * np.abs(b).max(), np.abs(a - b).max() / np.abs(b).max()
+
+
 @pytest.mark.parametrize("x_dtype,dtype", [(jnp.float32, jnp.float32), (jnp.float32, jnp.bfloat16),
                                            (jnp.bfloat16, jnp.bfloat16), (jnp.bfloat16, jnp.float32)])
 def test_layer_norm_module_matches_flax(x_dtype, dtype, monkeypatch):
