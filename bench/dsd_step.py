@@ -65,8 +65,10 @@ cores (``_cpus.py``: XLA's GEMMs otherwise use every core whatever its thread fl
 per pair gives the time ratio (tsjax / PyTorch: of medians, of minima, and the median of the per-round
 ratios) and compares the two sides' loss and image gradients on the first call (same weights, same
 draws). With ``bfloat16``, tsjax's guidance runs with ``perf.compute_dtype="bfloat16"`` (on a CPU with
-AMX-BF16 its convs run on AMX tiles, ``tsjax.ops.conv``) and is compared with PyTorch under
-``torch.autocast("cpu", torch.bfloat16)`` and with PyTorch in float32 (the authors' code runs float32).
+AMX-BF16 its convs run on AMX tiles, ``tsjax.ops.conv``), its frozen weights (VAE, priors, LoRA base)
+stored in bf16 once, as the stage-2 step stores them (``stage2.prepare_inputs``), and it is compared with
+PyTorch under ``torch.autocast("cpu", torch.bfloat16)`` (which casts the float32 weights on every call)
+and with PyTorch in float32 (the authors' code runs float32).
 """
 from __future__ import annotations
 
@@ -460,6 +462,9 @@ def worker_guid_tsjax(shape: str, root: Path, dtype: str) -> None:
     data = {k: jnp.asarray(v.astype(np.int32) if v.dtype == np.int64 else v)
             for k, v in np.load(root / "peer_data.npz").items()}
     frozen = {"vae": vp, "concept": up_c, "ref": up_r, "lora_base": up}
+    # As the stage-2 step does (S.prepare_inputs): frozen weights stored once in the compute dtype, so a
+    # bf16 step does not cast them on every call (PyTorch's autocast peer does: it has no such store).
+    frozen = S.cast_floating(frozen, S.resolve_dtype(PerfConfig(compute_dtype=dtype)))
     sg = jax.lax.stop_gradient
     cat = lambda xs: jnp.concatenate(xs, 0)  # noqa: E731
 
