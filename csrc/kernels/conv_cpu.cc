@@ -5,6 +5,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -273,10 +274,12 @@ void ConvForwardCpu(const ConvParams& p, const float* x, const float* w, float* 
   // one packed copy of the weights.
   const bool per_item = m_total <= kSmallM;
   const int64_t mchunk = per_item ? m_total : taps * p.ci >= kBigPanelK ? kMcBig : kMc;
-  PackBuffers::Lease shared = SharedPackBuffers().Take(per_item ? 1 : npan * panel_size);
+  std::optional<PackBuffers::Lease> shared;  // all panels (large maps only)
   if (!per_item) {
-    PackAllPanels(p, w, shared.get(), parallel_for);
+    shared.emplace(SharedPackBuffers().Take(npan * panel_size));
+    PackAllPanels(p, w, shared->get(), parallel_for);
   }
+  const float* const packed = shared ? shared->get() : nullptr;
   AlignedBuf zeros = Alloc(p.ci);
   std::memset(zeros.get(), 0, p.ci * sizeof(float));
   const std::vector<KBlock> kblocks = KBlocks(taps, p.ci);
@@ -329,7 +332,7 @@ void ConvForwardCpu(const ConvParams& p, const float* x, const float* w, float* 
           t.ntaps = kb.nt;
           t.c0 = kb.c0;
           t.nci = kb.nc;
-          t.b = (per_item ? own_panel : shared.get() + pn * panel_size) + (kb.t0 * p.ci + kb.c0) * kPanel;
+          t.b = (per_item ? own_panel : packed + pn * panel_size) + (kb.t0 * p.ci + kb.c0) * kPanel;
           t.tap_stride = p.ci * kPanel;
           t.ldb = kPanel;
           t.c = y + (m0 + tile * kMr) * p.co + n0;
