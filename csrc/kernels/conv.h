@@ -40,8 +40,8 @@ struct ConvParams {
 
 // y = conv(x, w) as above. `isa` must not exceed CpuBestIsa(). Scratch: packed weights (kh*kw*ci*co
 // floats, rounded up to 64 output channels), taken from a process-wide set of buffers that keeps up to
-// 256 MiB between calls (re-faulting a fresh buffer of that size on every call is measurable). `threads` as ConvKernelGradCpu's: it only decides how finely
-// the work is split, never the result.
+// 256 MiB between calls (re-faulting a fresh buffer of that size on every call is measurable).
+// `threads` as ConvKernelGradCpu's: it only decides how finely the work is split, never the result.
 void ConvForwardCpu(const ConvParams& p, const float* x, const float* w, float* y, CpuIsa isa,
                     const ParallelFor& parallel_for, int64_t threads = 0);
 

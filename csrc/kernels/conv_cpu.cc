@@ -60,9 +60,10 @@ int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Packed-weight buffers kept between calls. A fresh allocation of tens of MB is a fresh mmap whose pages
 // are faulted in and zeroed on first touch, on every call (at 2x16x16x1280 -> 1280, 3x3, one thread,
-// keeping the buffer measured 0.89-0.92 per round with the old one-panel-at-a-time packing, 0.97-0.98 with
-// the streamed packing below). A call takes the smallest kept buffer that is large enough (or allocates) and gives it
-// back when done; at most kKeepBytes stay allocated between calls (larger or surplus buffers are freed).
+// keeping the buffer measured 0.89-0.92 per round with the old one-panel-at-a-time packing, 0.97-0.98
+// with the streamed packing below). A call takes the smallest kept buffer that is large enough (or
+// allocates) and gives it back when done; at most kKeepBytes stay allocated between calls (the smallest
+// buffers are freed first).
 constexpr size_t kKeepBytes = size_t{256} << 20;
 
 class PackBuffers {
@@ -130,6 +131,12 @@ void ValidRange(int64_t off, int64_t s, int64_t lim, int64_t n, int64_t* lo, int
   *hi = std::max(*lo, std::min(b, n));
 }
 
+// One packed row: nn (<= kPanel) floats of src, zero-padded to kPanel.
+void PackRow(const float* src, int64_t nn, float* d) {
+  std::memcpy(d, src, nn * sizeof(float));
+  if (nn < kPanel) std::memset(d + nn, 0, (kPanel - nn) * sizeof(float));
+}
+
 // Panel pn of this conv's weights: dst[t][c][0:64] = w'[t][c][pn * 64 + n] (zero past co), where w' is w
 // ([t][c][co] rows) or, for a flipped kernel, w[taps-1-t][co][c]. The flipped kernel is transposed in
 // 16 x 16 blocks: 16 source rows are read forward together (prefetch-friendly streams) and every packed
@@ -139,10 +146,7 @@ void PackPanel(const ConvParams& p, const float* w, int64_t pn, float* dst) {
   for (int64_t t = 0; t < taps; ++t) {
     float* d = dst + t * p.ci * kPanel;
     if (!p.flip) {
-      for (int64_t c = 0; c < p.ci; ++c, d += kPanel) {
-        std::memcpy(d, w + (t * p.ci + c) * p.co + n0, nn * sizeof(float));
-        std::memset(d + nn, 0, (kPanel - nn) * sizeof(float));
-      }
+      for (int64_t c = 0; c < p.ci; ++c, d += kPanel) PackRow(w + (t * p.ci + c) * p.co + n0, nn, d);
       continue;
     }
     const float* src = w + (taps - 1 - t) * p.co * p.ci;
@@ -175,10 +179,8 @@ void PackAllPanels(const ConvParams& p, const float* w, float* dst, const Parall
     const int64_t r1 = std::min(rows, (item + 1) * kRowsPerItem);
     for (int64_t r = item * kRowsPerItem; r < r1; ++r)
       for (int64_t pn = 0; pn < npan; ++pn) {
-        const int64_t nn = std::min<int64_t>(kPanel, p.co - pn * kPanel);
-        float* d = dst + pn * panel_size + r * kPanel;
-        std::memcpy(d, w + r * p.co + pn * kPanel, nn * sizeof(float));
-        if (nn < kPanel) std::memset(d + nn, 0, (kPanel - nn) * sizeof(float));
+        PackRow(w + r * p.co + pn * kPanel, std::min<int64_t>(kPanel, p.co - pn * kPanel),
+                dst + pn * panel_size + r * kPanel);
       }
   });
 }
