@@ -61,6 +61,26 @@ ffi::Error KernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   return ffi::Error::Success();
 }
 
+// x [B, H, W, Ci], w [3, 3, Ci, Co] (flip: [3, 3, Co, Ci], used flipped) -> y [B, Ho, Wo, Co]; stride 1,
+// Winograd F(m x m, 3 x 3), m = 2 or 4.
+ffi::Error ForwardWinogradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                               ffi::ResultBuffer<ffi::F32> y, int64_t ph, int64_t pw, bool flip, int64_t m) {
+  auto wd = w.dimensions();
+  if (wd.size() != 4 || wd[0] != 3 || wd[1] != 3) return ffi::Error::InvalidArgument("conv: Winograd needs a 3x3 kernel");
+  if (m != 2 && m != 4) return ffi::Error::InvalidArgument("conv: Winograd tile size m must be 2 or 4");
+  tsjax::ConvParams p;
+  if (ffi::Error e = Params(x.dimensions(), y->dimensions(), 3, 3, flip ? wd[3] : wd[2], flip ? wd[2] : wd[3], 1, 1,
+                            ph, pw, &p);
+      e.failure())
+    return e;
+  if (p.ci % 16 != 0) return ffi::Error::InvalidArgument("conv: Winograd needs input channels a multiple of 16");
+  p.flip = flip;
+  tsjax::ConvForwardWinogradCpu(p, static_cast<int>(m), x.typed_data(), w.typed_data(), y->typed_data(),
+                                tsjax::CpuIsaFromEnv(), PoolParallelFor(pool, "TSJAX_CPU_THREADS"),
+                                PoolThreads(pool, "TSJAX_CPU_THREADS"));
+  return ffi::Error::Success();
+}
+
 // bf16 x [B, H, W, Ci], bf16 w [KH, KW, Ci, Co] (flip: as ForwardImpl) -> bf16 y [B, Ho, Wo, Co]; stride 1, AMX.
 ffi::Error ForwardBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
                            ffi::ResultBuffer<ffi::BF16> y, int64_t ph, int64_t pw, bool flip) {
@@ -101,6 +121,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TsjaxConvForwardCpu, ForwardImpl,
                                   .Attr<int64_t>("ph")
                                   .Attr<int64_t>("pw")
                                   .Attr<bool>("flip"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TsjaxConvForwardWinogradCpu, ForwardWinogradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("ph")
+                                  .Attr<int64_t>("pw")
+                                  .Attr<bool>("flip")
+                                  .Attr<int64_t>("m"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TsjaxConvKernelGradCpu, KernelGradImpl,
                               ffi::Ffi::Bind()

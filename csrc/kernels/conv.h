@@ -50,6 +50,18 @@ void ConvForwardCpu(const ConvParams& p, const float* x, const float* w, float* 
 void ConvKernelGradCpu(const ConvParams& p, const float* x, const float* dy, float* dw, CpuIsa isa,
                        const ParallelFor& parallel_for, int64_t threads = 0);
 
+// y = conv(x, w) for a 3x3, stride-1 conv by Winograd's minimal filtering F(m x m, 3 x 3), m = 2 or 4
+// (conv_winograd_impl.h): 2.25x (m = 2) or 4x (m = 4) fewer multiplies than the direct forward, run as
+// alpha^2 = (m + 2)^2 GEMMs of [tiles, ci] x [ci, co] on the forward's micro-kernels between an input
+// transform (per tile, vectorised over ci) and an output transform. ci and co must be multiples of 16;
+// p.flip as ConvForwardCpu (the input gradient's kernel). Precision: float32 throughout; the transforms add
+// rounding: against a float64 reference, m = 2 stays within about 1.5x the direct forward's error, m = 4
+// about 30x (~1e-5 of the output scale at ci = 256; tests/ops/test_conv.py bounds both). Results do not
+// depend on the thread count or the instruction set. Scratch: the transformed kernel (alpha^2 * ci * co
+// floats) and the packed kernel from the forward's buffer set; per thread, one block of transformed tiles.
+void ConvForwardWinogradCpu(const ConvParams& p, int m, const float* x, const float* w, float* y, CpuIsa isa,
+                            const ParallelFor& parallel_for, int64_t threads = 0);
+
 // y = conv(x, w) for bfloat16 x and w (raw bf16 bits), stride 1, on AMX tiles (conv_cpu_amx.cc); y is
 // bf16 (y_bf16) or float32; float32 accumulation. Call only when CpuAmxBf16().
 void ConvForwardBf16Amx(const ConvParams& p, const uint16_t* x, const uint16_t* w, void* y, bool y_bf16,
@@ -91,6 +103,39 @@ void FwdTileAvx512(const FwdTile& t);
 void FwdTileAvx2(const FwdTile& t);
 // One kernel-gradient micro-tile: acc[m][n] (row stride kPanel) += sum over the runs' pixels of
 // x_row[xoff + m] * dy_row[dyoff + n], m < mr <= kMr input channels, n < nvec16 * 16 output channels.
+// Winograd transforms (conv_winograd_impl.h); m = 2 or 4, alpha = m + 2, k = xi * alpha + nu.
+// Input: v[k * plane + c] = (B^T d B)[k], d the alpha x alpha tile whose rows (ci floats) are src[i * alpha + j].
+struct WinoInput {
+  int m;
+  const float* const* src;
+  int64_t ci;
+  float* v;
+  int64_t plane;
+};
+// Kernel: u[k * plane + c * kPanel + n] = (G g G^T)[k] for c in [c0, c1), g one packed 3x3 panel
+// g[tap][c][kPanel] (ci channels).
+struct WinoKernel {
+  int m;
+  const float* g;
+  int64_t ci, c0, c1;
+  float* u;
+  int64_t plane;
+};
+// Output: dst[r * m + s][n] = (A^T M A)[r][s], M[k] = mm + k * plane, n < nvec16 * 16 (null dst rows skipped).
+struct WinoOutput {
+  int m;
+  const float* mm;
+  int64_t plane;
+  float* const* dst;
+  int nvec16;
+};
+void WinoInputAvx512(const WinoInput& t);
+void WinoInputAvx2(const WinoInput& t);
+void WinoKernelAvx512(const WinoKernel& t);
+void WinoKernelAvx2(const WinoKernel& t);
+void WinoOutputAvx512(const WinoOutput& t);
+void WinoOutputAvx2(const WinoOutput& t);
+
 void GradTileAvx512(const GradRun* runs, int nruns, int64_t xoff, int64_t dyoff, int mr, int nvec16, float* acc);
 void GradTileAvx2(const GradRun* runs, int nruns, int64_t xoff, int64_t dyoff, int mr, int nvec16, float* acc);
 

@@ -349,6 +349,137 @@ void ConvForwardCpu(const ConvParams& p, const float* x, const float* w, float* 
   });
 }
 
+// Winograd forward (kernels/conv.h). The kernel is packed into 64-channel panels as for the direct
+// forward (both orientations), then transformed to U[k][panel][ci][64] (k < alpha^2). A work item is a
+// block of up to nb tiles x a group of panels: it transforms its tiles' inputs into V[k][tile][ci] (per
+// thread, sized to stay near L2), then per panel runs the alpha^2 GEMMs M[k] = V[k] U[k][panel] on the
+// direct forward's 6 x 64 micro-kernel (U[k][panel], ci x 64 floats, stays in L2 across the block's
+// micro-tiles) and transforms M back into the panel's output channels.
+namespace {
+
+constexpr int64_t kWinoVBytes = int64_t{2} << 20;
+constexpr int64_t kWinoMaxTiles = 16 * kMr;
+
+struct ThreadBuf {
+  AlignedBuf buf;
+  int64_t cap = 0;
+  float* get(int64_t n) {
+    if (n > cap) {
+      buf = Alloc(n);
+      cap = n;
+    }
+    return buf.get();
+  }
+};
+
+}  // namespace
+
+void ConvForwardWinogradCpu(const ConvParams& p, int m, const float* x, const float* w, float* y, CpuIsa isa,
+                            const ParallelFor& parallel_for, int64_t threads) {
+  const int a = m + 2;
+  const int64_t a2 = a * a, npan = CeilDiv(p.co, kPanel), panel_size = 9 * p.ci * kPanel;
+  const int64_t th = CeilDiv(p.ho, m), tw = CeilDiv(p.wo, m), ntiles = p.batch * th * tw;
+  const bool avx512 = isa == CpuIsa::kAvx512;
+  auto in_fn = avx512 ? conv_detail::WinoInputAvx512 : conv_detail::WinoInputAvx2;
+  auto ker_fn = avx512 ? conv_detail::WinoKernelAvx512 : conv_detail::WinoKernelAvx2;
+  auto out_fn = avx512 ? conv_detail::WinoOutputAvx512 : conv_detail::WinoOutputAvx2;
+  auto tile_fn = avx512 ? conv_detail::FwdTileAvx512 : conv_detail::FwdTileAvx2;
+
+  // U[k][pn][c][0:64] = (G g G^T)[k] of panel pn, input channel c.
+  const int64_t uplane = npan * p.ci * kPanel;
+  PackBuffers::Lease u = SharedPackBuffers().Take(a2 * uplane);
+  {
+    PackBuffers::Lease packed = SharedPackBuffers().Take(npan * panel_size);
+    PackAllPanels(p, w, packed.get(), parallel_for);
+    constexpr int64_t kCiPerItem = 64;
+    const int64_t ncb = CeilDiv(p.ci, kCiPerItem);
+    parallel_for(npan * ncb, [&](int64_t item) {
+      const int64_t pn = item / ncb, c0 = (item % ncb) * kCiPerItem;
+      conv_detail::WinoKernel t{m, packed.get() + pn * panel_size, p.ci, c0, std::min(p.ci, c0 + kCiPerItem),
+                                u.get() + pn * p.ci * kPanel, uplane};
+      ker_fn(t);
+    });
+  }
+
+  // Tiles per block (a multiple of kMr) and panels per group: blocks of about kWinoVBytes of transformed
+  // input; where that leaves fewer than kFwdItemsPerThread items per thread, smaller panel groups (each
+  // re-transforms its block's input, a small cost next to a panel's GEMMs), then smaller blocks.
+  int64_t nb = std::clamp<int64_t>(kWinoVBytes / (a2 * p.ci * int64_t{sizeof(float)}), kMr, kWinoMaxTiles) / kMr * kMr;
+  nb = std::min(nb, CeilDiv(ntiles, kMr) * kMr);
+  const int64_t min_items = kFwdItemsPerThread * (threads > 0 ? threads : 4);
+  int64_t G = npan;
+  while (G > 1 && CeilDiv(ntiles, nb) * CeilDiv(npan, G) < min_items) G = CeilDiv(G, 2);
+  while (nb > kMr && CeilDiv(ntiles, nb) * CeilDiv(npan, G) < min_items) nb = std::max<int64_t>(kMr, nb / 2 / kMr * kMr);
+  const int64_t nblocks = CeilDiv(ntiles, nb), ngroups = CeilDiv(npan, G);
+  AlignedBuf zeros = Alloc(p.ci);
+  std::memset(zeros.get(), 0, p.ci * sizeof(float));
+
+  parallel_for(nblocks * ngroups, [&](int64_t item) {
+    const int64_t blk = item / ngroups, grp = item % ngroups;
+    const int64_t t0 = blk * nb, nt = std::min(nb, ntiles - t0);
+    const int64_t pn0 = grp * G, pn1 = std::min(npan, pn0 + G);
+    thread_local ThreadBuf vb, mb;
+    float* const v = vb.get(a2 * nb * p.ci);   // V[k][tile][ci]
+    float* const mm = mb.get(a2 * nb * kPanel);  // M[k][tile][64] of one panel
+    auto tile_at = [&](int64_t q, int64_t* b, int64_t* ty, int64_t* tx) {
+      const int64_t tile = t0 + q, r = tile % (th * tw);
+      *b = tile / (th * tw);
+      *ty = r / tw;
+      *tx = r % tw;
+    };
+    const float* src[36];
+    for (int64_t q = 0; q < nt; ++q) {
+      int64_t b, ty, tx;
+      tile_at(q, &b, &ty, &tx);
+      for (int i = 0; i < a; ++i) {
+        const int64_t yy = ty * m + i - p.ph;
+        for (int j = 0; j < a; ++j) {
+          const int64_t xx = tx * m + j - p.pw;
+          const bool in = yy >= 0 && yy < p.h && xx >= 0 && xx < p.w;
+          src[i * a + j] = in ? x + ((b * p.h + yy) * p.w + xx) * p.ci : zeros.get();
+        }
+      }
+      in_fn(conv_detail::WinoInput{m, src, p.ci, v + q * p.ci, nb * p.ci});
+    }
+    for (int64_t pn = pn0; pn < pn1; ++pn) {
+      const int nvec16 = static_cast<int>(std::min<int64_t>(kPanel, p.co - pn * kPanel) / 16);
+      for (int64_t k = 0; k < a2; ++k) {
+        const float* bk = u.get() + k * uplane + pn * p.ci * kPanel;
+        for (int64_t r0 = 0; r0 < nt; r0 += kMr) {
+          const int mr = static_cast<int>(std::min<int64_t>(kMr, nt - r0));
+          const float* rows[kMr];
+          for (int r = 0; r < kMr; ++r) rows[r] = v + (k * nb + r0 + std::min(r, mr - 1)) * p.ci;
+          FwdTile t;
+          t.a = rows;
+          t.ntaps = 1;
+          t.c0 = 0;
+          t.nci = p.ci;
+          t.b = bk;
+          t.tap_stride = 0;
+          t.ldb = kPanel;
+          t.c = mm + (k * nb + r0) * kPanel;
+          t.ldc = kPanel;
+          t.mr = mr;
+          t.nvec16 = nvec16;
+          t.accumulate = false;
+          tile_fn(t);
+        }
+      }
+      float* dst[16];
+      for (int64_t q = 0; q < nt; ++q) {
+        int64_t b, ty, tx;
+        tile_at(q, &b, &ty, &tx);
+        for (int r = 0; r < m; ++r)
+          for (int s2 = 0; s2 < m; ++s2) {
+            const int64_t oy = ty * m + r, ox = tx * m + s2;
+            dst[r * m + s2] = oy < p.ho && ox < p.wo ? y + ((b * p.ho + oy) * p.wo + ox) * p.co + pn * kPanel : nullptr;
+          }
+        out_fn(conv_detail::WinoOutput{m, mm + q * kPanel, nb * kPanel, dst, nvec16});
+      }
+    }
+  });
+}
+
 void ConvKernelGradCpu(const ConvParams& p, const float* x, const float* dy, float* dw, CpuIsa isa,
                        const ParallelFor& parallel_for, int64_t threads) {
   const int64_t taps = p.kh * p.kw;

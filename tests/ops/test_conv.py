@@ -254,3 +254,98 @@ def test_amx_bf16_conv_matches_float32_of_the_same_inputs(case):
         assert g.dtype == jnp.bfloat16
         g, ww = np.asarray(g, np.float32), np.asarray(ww, np.float32)
         np.testing.assert_allclose(g, ww, atol=2 ** -8 * np.abs(ww).max())  # one bf16 rounding of the result
+
+
+# Winograd F(m x m, 3 x 3) (C.algorithm): (B, H, W, Cin, Cout, padding). Partial tiles on both axes with a
+# 48-channel panel; two images with asymmetric padding and an 80-channel output (a 16-channel last panel);
+# 16 output channels (the input gradient has 160: three panels); padding 2 (the output larger than the
+# input, tiles that read only padding); three images whose tiles share blocks.
+WINO_CASES = [
+    (1, 33, 30, 32, 48, ((1, 1), (1, 1))),
+    (2, 16, 17, 64, 80, ((0, 0), (2, 1))),
+    (1, 20, 20, 160, 16, ((1, 1), (1, 1))),
+    (1, 9, 8, 16, 32, ((2, 2), (2, 2))),
+    (3, 12, 12, 48, 64, ((1, 1), (1, 1))),
+]
+# Error bounds against float64, relative to the output scale: F(2x2) sums shorter products than the direct
+# kernels (measured 2e-7 - 4e-7); F(4x4)'s transforms (points +-2, 1/24 in G, 8 in A^T) round 10-50x more
+# (measured 2e-6 - 2.0e-5, the largest at 160 input channels and 16 outputs).
+WINO_BOUND = {"winograd2": 4e-6, "winograd4": 5e-5}
+
+
+@pytest.mark.parametrize("algo", ["winograd2", "winograd4"])
+@pytest.mark.parametrize("case", WINO_CASES, ids=[f"{c[0]}x{c[1]}x{c[2]}x{c[3]}-{c[4]}" for c in WINO_CASES])
+def test_winograd_conv_matches_float64_reference(monkeypatch, algo, case):
+    monkeypatch.setattr(C, "WINOGRAD_MIN_PIXELS", {2: 0, 4: 0})
+    b, h, w_, ci, co, pad = case
+    x, w, stride, _ = _operands((b, h, w_, ci, co, 3, 1, pad), seed=11)
+    ct = np.random.default_rng(12).standard_normal(C._xla_conv(x, w, stride, pad).shape).astype(np.float32)
+    def value_and_vjp(x, w, ct):
+        y, vjp = jax.vjp(lambda a, b: C.conv2d(a, b, stride, pad), x, w)
+        return (y, *vjp(ct))
+
+    with C.algorithm(algo):
+        f = jax.jit(value_and_vjp)
+        y, dx, dw = f(x, w, ct)
+        hlo = f.lower(x, w, ct).as_text()
+    # forward and input gradient on the Winograd kernel with this tile size, the kernel gradient direct
+    assert hlo.count("tsjax_conv_forward_winograd") == 2 and hlo.count(f"m = {algo[-1]} : i64") == 2, algo
+    assert "tsjax_conv_kernel_grad" in hlo
+    y64, vjp64 = _ref(x, w, stride, pad)
+    with jax.enable_x64():
+        dx64, dw64 = vjp64(jnp.asarray(ct, jnp.float64))
+    for name, got, want, bound in (("y", y, y64, WINO_BOUND[algo]), ("dx", dx, dx64, WINO_BOUND[algo]),
+                                   ("dw", dw, dw64, 4e-6)):
+        want = np.asarray(want)
+        err = np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max()
+        assert err < bound, (name, err)
+
+
+@pytest.mark.parametrize("algo", ["winograd2", "winograd4"])
+def test_winograd_is_independent_of_threads_and_isa(monkeypatch, algo):
+    """The transforms do the same operations in every lane and every tile belongs to one work item: 1
+    thread, the pool's threads, AVX2 and AVX-512 give bit-identical values and gradients."""
+    monkeypatch.setattr(C, "WINOGRAD_MIN_PIXELS", {2: 0, 4: 0})
+    x, w, stride, pad = _operands((2, 30, 17, 48, 96, 3, 1, ((1, 1), (1, 1))), seed=13)
+    with C.algorithm(algo):
+        base = _fwd_and_grads(x, w, stride, pad)
+        runs = [("TSJAX_CPU_THREADS", "1")] + ([("TSJAX_CPU_ISA", "avx2")] if _ffi.cpu_isa() >= 2 else [])
+        for key, value in runs:
+            monkeypatch.setenv(key, value)
+            other = _fwd_and_grads(x, w, stride, pad)
+            monkeypatch.delenv(key)
+            for a, b in zip(base, other):
+                np.testing.assert_array_equal(a, b)
+
+
+def test_winograd_routing():
+    """Which convs take Winograd: 3x3 stride-1 float32 with channel multiples of 16 and enough output
+    pixels (F(4x4) from 1024, F(2x2) from 512, so ``winograd4`` takes F(2x2) in between); the algorithm
+    is read at trace time from the innermost ``algorithm`` block, else TSJAX_CONV_ALGORITHM."""
+    f32 = jnp.float32
+    tile = lambda algo, px, k=(3, 3), s=(1, 1), ci=64, co=64, dt=f32: C.winograd_tile(algo, k, s, ci, co, px, dt)  # noqa: E731
+    assert [tile("winograd4", px) for px in (511, 512, 1023, 1024)] == [0, 2, 2, 4]
+    assert [tile("winograd2", px) for px in (511, 512, 4096)] == [0, 2, 2]
+    assert tile("direct", 4096) == 0 and tile("winograd4", 4096, k=(1, 1)) == 0
+    assert tile("winograd4", 4096, s=(2, 2)) == 0 and tile("winograd4", 4096, ci=3) == 0
+    assert tile("winograd4", 4096, co=40) == 0 and tile("winograd4", 4096, dt=jnp.bfloat16) == 0
+    x, w, stride, pad = _operands((1, 32, 32, 16, 16, 3, 1, ((1, 1), (1, 1))))
+    lowered = lambda: jax.jit(lambda x, w: C.conv2d(x, w, stride, pad)).lower(x, w).as_text()  # noqa: E731
+    assert "winograd" not in lowered()
+    with C.algorithm("winograd4"):
+        assert C.current_algorithm() == "winograd4" and "m = 4 : i64" in lowered()
+        with C.algorithm("direct"):
+            assert "winograd" not in lowered()
+    with pytest.raises(ValueError, match="not one of"):
+        with C.algorithm("fft"):
+            pass
+
+
+def test_winograd_algorithm_from_environment(monkeypatch):
+    monkeypatch.setenv("TSJAX_CONV_ALGORITHM", "winograd2")
+    assert C.current_algorithm() == "winograd2"
+    with C.algorithm("direct"):
+        assert C.current_algorithm() == "direct"
+    monkeypatch.setenv("TSJAX_CONV_ALGORITHM", "bogus")
+    with pytest.raises(ValueError, match="not one of"):
+        C.current_algorithm()

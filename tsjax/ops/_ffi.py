@@ -20,6 +20,7 @@ _IDS_TARGET = "tsjax_rasterize_ids"  # ids only (CPU); other platforms slice the
 _ROWS_TARGETS = ("tsjax_gather_rows", "tsjax_scatter_add_rows")
 _CONV_TARGETS = ("tsjax_conv_forward", "tsjax_conv_kernel_grad")
 _CONV_BF16_TARGET = "tsjax_conv_forward_bf16"
+_CONV_WINOGRAD_TARGET = "tsjax_conv_forward_winograd"
 _GROUP_NORM_TARGETS = ("tsjax_group_norm_forward", "tsjax_group_norm_backward")
 _ATTENTION_TARGETS = ("tsjax_attention_forward", "tsjax_attention_backward")
 _LAYER_NORM_TARGETS = ("tsjax_layer_norm_forward", "tsjax_layer_norm_backward")
@@ -28,6 +29,7 @@ _CPU_EXTRA = ((_ROWS_TARGETS[0], "TsjaxGatherRowsCpu"), (_ROWS_TARGETS[1], "Tsja
               (_IDS_TARGET, "TsjaxRasterizeIdsCpu"), (_CONV_TARGETS[0], "TsjaxConvForwardCpu"),
               (_CONV_TARGETS[1], "TsjaxConvKernelGradCpu"), (_ATTENTION_TARGETS[0], "TsjaxAttentionForwardCpu"),
               (_ATTENTION_TARGETS[1], "TsjaxAttentionBackwardCpu"), (_CONV_BF16_TARGET, "TsjaxConvForwardBf16Cpu"),
+              (_CONV_WINOGRAD_TARGET, "TsjaxConvForwardWinogradCpu"),
               (_GROUP_NORM_TARGETS[0], "TsjaxGroupNormForwardCpu"), (_GROUP_NORM_TARGETS[1], "TsjaxGroupNormBackwardCpu"),
               (_LAYER_NORM_TARGETS[0], "TsjaxLayerNormForwardCpu"), (_LAYER_NORM_TARGETS[1], "TsjaxLayerNormBackwardCpu"),
               (_GEGLU_TARGETS[0], "TsjaxGegluForwardCpu"), (_GEGLU_TARGETS[1], "TsjaxGegluBackwardCpu"))

@@ -29,18 +29,82 @@ other bf16 convs are XLA's. On other platforms
 (GPU: cuDNN) ``lax.platform_dependent`` selects ``lax.conv_general_dilated`` and its own gradients.
 Under ``vmap`` the native calls run once per mapped element.
 
+**Winograd.** :func:`algorithm` (a context manager, read when a function is traced; default: the
+``TSJAX_CONV_ALGORITHM`` environment variable, else ``"direct"``) selects Winograd's minimal filtering
+for float32 3x3 stride-1 convs: ``"winograd2"`` is F(2x2, 3x3) (2.25x fewer multiplies, rounding within
+about 1.5x the direct kernels'), ``"winograd4"`` F(4x4, 3x3) (4x fewer multiplies, ~30x the direct
+rounding: ~1e-5 of the output scale at 256 input channels). It applies to the forward and to the input
+gradient (the same kernel, flipped) of convs whose channel counts are multiples of 16 and whose output
+covers at least :data:`WINOGRAD_MIN_PIXELS` pixels over the batch (below that, transforming the kernel
+costs more than it saves; ``"winograd4"`` takes F(2x2, 3x3) between the two thresholds); the kernel
+gradient stays direct. ``tsjax.config.PerfConfig.conv_algorithm``
+sets it for the stage-2 step.
+
 ``TSJAX_NATIVE_CONV=0`` (read when a function is traced) turns the native path off;
 ``TSJAX_CPU_THREADS`` / ``TSJAX_CPU_ISA`` are read by the kernels (csrc/ffi/conv_cpu_ffi.cc).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["conv2d", "matmul_nn", "matmul_nt", "matmul_tn", "native_available", "native_eligible"]
+__all__ = ["ALGORITHMS", "WINOGRAD_MIN_PIXELS", "algorithm", "conv2d", "current_algorithm", "matmul_nn",
+           "matmul_nt", "matmul_tn", "native_available", "native_eligible", "winograd_tile"]
+
+#: Convolution algorithms :func:`algorithm` accepts (see the module docstring).
+ALGORITHMS = ("direct", "winograd2", "winograd4")
+#: Winograd F(m x m, 3 x 3) is used only where a conv's output has at least this many pixels (batch x
+#: height x width), per tile size m. Below, the kernel transform (alpha^2 * Cin * Cout floats written per
+#: call) costs about what the multiplies save. One thread, forward / input gradient against the direct
+#: kernels: 2x8x8x512 (128 px) F(2) 1.15x slower, F(4) 1.9x slower; 1x16x16x640 (256 px) F(2) 1.2x slower
+#: forward; 2x16x16x640 (512 px) F(2) 0.76, F(4) 0.85; 2x32x32x128 (2048 px) F(2) 0.59, F(4) 0.51.
+WINOGRAD_MIN_PIXELS = {2: 512, 4: 1024}
+_ALGORITHM: contextvars.ContextVar[str | None] = contextvars.ContextVar("tsjax_conv_algorithm", default=None)
+
+
+def _check_algorithm(name: str) -> str:
+    if name not in ALGORITHMS:
+        raise ValueError(f"conv algorithm {name!r} is not one of {', '.join(ALGORITHMS)}")
+    return name
+
+
+@contextlib.contextmanager
+def algorithm(name: str):
+    """Use convolution algorithm ``name`` (one of :data:`ALGORITHMS`) in :func:`conv2d` calls traced inside
+    the ``with`` block (the choice is made at trace time: wrap the code that calls the network while
+    ``jax.jit`` traces it, not the call of an already compiled function)."""
+    token = _ALGORITHM.set(_check_algorithm(name))
+    try:
+        yield
+    finally:
+        _ALGORITHM.reset(token)
+
+
+def current_algorithm() -> str:
+    """The algorithm :func:`conv2d` uses now: the innermost :func:`algorithm` block's, else
+    ``TSJAX_CONV_ALGORITHM``, else ``"direct"``."""
+    name = _ALGORITHM.get()
+    return _check_algorithm(name if name is not None else os.environ.get("TSJAX_CONV_ALGORITHM", "direct"))
+
+
+def winograd_tile(algo: str, kernel_hw, stride, ci: int, co: int, pixels: int, dtype) -> int:
+    """Winograd output-tile size ``m`` (2 or 4) that a float32 native conv with these properties runs with
+    under ``algo``, or 0 (direct): 3x3 kernel, stride 1, ``ci`` and ``co`` multiples of 16, at least
+    ``WINOGRAD_MIN_PIXELS[m]`` output pixels (``"winograd4"`` takes m = 2 where only that threshold is
+    met), and the kernels built with the Winograd target."""
+    if algo == "direct" or tuple(kernel_hw) != (3, 3) or tuple(stride) != (1, 1) or ci % 16 or co % 16:
+        return 0
+    if jnp.dtype(dtype) != jnp.float32:
+        return 0
+    m = next((m for m in range(int(algo[-1]), 0, -2) if pixels >= WINOGRAD_MIN_PIXELS[m]), 0)
+    from tsjax.ops import _ffi
+
+    return m if m and _ffi.targets_registered(_ffi._CONV_WINOGRAD_TARGET) else 0
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
 _DN = ("NHWC", "HWIO", "NHWC")
@@ -89,13 +153,17 @@ def _out_hw(x_shape, w_shape, stride, padding):
     return tuple((x_shape[1 + a] + padding[a][0] + padding[a][1] - w_shape[a]) // stride[a] + 1 for a in range(2))
 
 
-def _native_forward(x, w, stride, padding, out_hw=None, flip=False):
+def _native_forward(x, w, stride, padding, out_hw=None, flip=False, algo="direct"):
     """The forward call; ``out_hw`` (default: from ``padding``) sets the trailing padding implicitly;
     ``flip``: ``w`` is the ``[KH, KW, Cout, Cin]`` kernel of the transposed conv, used spatially flipped
-    (the input gradient's kernel, without a transposed copy)."""
+    (the input gradient's kernel, without a transposed copy); ``algo``: see :func:`winograd_tile`."""
     co = w.shape[2] if flip else w.shape[3]
     ho, wo = out_hw or _out_hw(x.shape, w.shape, stride, padding)
     out = jax.ShapeDtypeStruct((x.shape[0], ho, wo, co), jnp.float32)
+    m = winograd_tile(algo, w.shape[:2], stride, x.shape[3], co, x.shape[0] * ho * wo, x.dtype)
+    if m:
+        return jax.ffi.ffi_call("tsjax_conv_forward_winograd", out, vmap_method="sequential")(
+            x, w, ph=padding[0][0], pw=padding[1][0], flip=flip, m=m)
     return jax.ffi.ffi_call("tsjax_conv_forward", out, vmap_method="sequential")(
         x, w, sh=stride[0], sw=stride[1], ph=padding[0][0], pw=padding[1][0], flip=flip)
 
@@ -180,21 +248,22 @@ def _strided_input_grad(dy, w, stride, padding, x_hw):
     return dx[:, :x_hw[0], :x_hw[1]]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _native_conv(x, w, stride, padding):
-    return _native_forward(x, w, stride, padding)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _native_conv(x, w, stride, padding, algo="direct"):
+    return _native_forward(x, w, stride, padding, algo=algo)
 
 
-def _native_conv_fwd(x, w, stride, padding):
-    return _native_forward(x, w, stride, padding), (x, w)
+def _native_conv_fwd(x, w, stride, padding, algo="direct"):
+    return _native_forward(x, w, stride, padding, algo=algo), (x, w)
 
 
-def _native_conv_bwd(stride, padding, res, dy):
+def _native_conv_bwd(stride, padding, algo, res, dy):
     x, w = res
     kh, kw, ci, _ = w.shape
     if stride == (1, 1) and ci % 16 == 0:
         back = ((kh - 1 - padding[0][0], 0), (kw - 1 - padding[1][0], 0))  # trailing: from out_hw
-        forward = _amx_forward if x.dtype == jnp.bfloat16 else functools.partial(_native_forward, stride=(1, 1))
+        forward = (_amx_forward if x.dtype == jnp.bfloat16
+                   else functools.partial(_native_forward, stride=(1, 1), algo=algo))
         dx = forward(dy.astype(x.dtype), w, padding=back, out_hw=x.shape[1:3], flip=True)
     elif ci % 16 == 0 and x.dtype == jnp.float32 and max(padding[0][0], padding[1][0]) < max(kh, kw):
         dx = _strided_input_grad(dy, w, stride, padding, x.shape[1:3])
@@ -217,7 +286,7 @@ def _amx_conv_fwd(x, w, padding):
 
 
 def _amx_conv_bwd(padding, res, dy):
-    return _native_conv_bwd((1, 1), padding, res, dy)
+    return _native_conv_bwd((1, 1), padding, "direct", res, dy)
 
 
 _amx_conv.defvjp(_amx_conv_fwd, _amx_conv_bwd)
@@ -234,7 +303,8 @@ def conv2d(x: jax.Array, w: jax.Array, stride: tuple[int, int] = (1, 1),
         unchanged).
       stride: ``(sh, sw)``; padding: ``((top, bottom), (left, right))``, each >= 0.
     Returns ``[B, Ho, Wo, Cout]`` in the operands' dtype, ``Ho = (H + top + bottom - KH) // sh + 1``
-    (likewise ``Wo``). Differentiable in ``x`` and ``w``.
+    (likewise ``Wo``). Differentiable in ``x`` and ``w``. The algorithm (direct or Winograd) is
+    :func:`current_algorithm`'s at trace time.
     """
     stride = tuple(int(s) for s in stride)
     padding = tuple((int(a), int(b)) for a, b in padding)
@@ -247,5 +317,6 @@ def conv2d(x: jax.Array, w: jax.Array, stride: tuple[int, int] = (1, 1),
         f32 = jnp.float32
         native = lambda x_, w_: _native_conv(x_.astype(f32), w_.astype(f32), stride, padding).astype(x.dtype)  # noqa: E731
     else:
-        native = lambda x_, w_: _native_conv(x_, w_, stride, padding)  # noqa: E731
+        algo = current_algorithm()
+        native = lambda x_, w_: _native_conv(x_, w_, stride, padding, algo)  # noqa: E731
     return jax.lax.platform_dependent(x, w, cpu=native, default=lambda x_, w_: _xla_conv(x_, w_, stride, padding))
