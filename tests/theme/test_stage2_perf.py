@@ -6,6 +6,7 @@ concept prior, the reference prior and the LoRA base, a toy strided-conv VAE enc
 Stated tolerances (relative L2 error of the gradient of each parameter group, relative error of each loss term):
   * optimised float32 (fused UNet passes, one extraction, fused contextual loss, donation, remat "dots")
     vs the plain float32 variant (PLAIN_PERF): <= 2e-4 (float32 round-off only);
+  * optimised float32 with Winograd convs (``conv_algorithm`` winograd2 / winograd4): the same 2e-4;
   * optimised bfloat16 (frozen weights stored in bf16, bf16 compute, fp32 masters) vs plain float32:
     loss terms <= 3e-2, gradient groups <= 0.1 relative L2 with cosine similarity >= 0.99 (measured at
     this size: terms <= 7e-3, groups <= 3e-2, cosine >= 0.9995).
@@ -28,6 +29,7 @@ from tsjax.geometry.hashgrid import HashGridConfig
 from tsjax.geometry.tets import build_tet_grid
 from tsjax.guidance.dsd import DSDSettings, PriorPrompts
 from tsjax.guidance.vsd import Denoiser
+from tsjax.ops import conv as conv_ops
 from tsjax.render.camera import make_cameras
 from tsjax.theme import stage2 as s2
 
@@ -143,3 +145,29 @@ def test_bf16_matches_plain_within_tolerance(base):
         assert e <= 3e-2, (k, e)
     for k, (e, cos) in groups.items():
         assert e <= 0.1 and cos >= 0.99, (k, e, cos)
+
+
+@pytest.mark.skipif(not conv_ops.native_available(), reason="native CPU conv kernels not built")
+@pytest.mark.parametrize("algo", ["winograd2", "winograd4"])
+def test_winograd_fp32_matches_plain(base, monkeypatch, algo):
+    """``perf.conv_algorithm`` reaches the convs of the step (the UNets' 3x3 convs run on the Winograd
+    kernel: the tiny maps are below the production pixel threshold, lowered to 0 here) and changes only
+    the round-off: both within the optimised float32 bound, 2e-4 (measured: terms <= 4e-7, gradient
+    groups <= 1.9e-6 for F(2x2), <= 3.2e-6 for F(4x4))."""
+    monkeypatch.setattr(conv_ops, "WINOGRAD_MIN_PIXELS", {2: 0, 4: 0})
+    spec, inp = build(dataclasses.replace(OPT32, conv_algorithm=algo), base)
+    st = base["state"]
+    fn = s2.make_grad_fn(spec)
+    args = (st.params, st.step, inp, jax.random.key(7))
+    assert f"m = {algo[-1]} : i64" in fn.lower(*args).as_text()
+    g, m = fn(*args)
+    g0, m0 = base["plain"]
+    for k, e in _term_errors(m, m0).items():
+        assert e <= 2e-4, (k, e)
+    for k, (e, _) in _group_errors(g, g0).items():
+        assert e <= 2e-4, (k, e)
+
+
+def test_perf_config_rejects_unknown_conv_algorithm():
+    with pytest.raises(ValueError, match="conv_algorithm"):
+        PerfConfig(conv_algorithm="fft")

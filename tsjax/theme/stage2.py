@@ -49,6 +49,7 @@ from tsjax.geometry.render import render_trimesh
 from tsjax.guidance.dsd import DSDSettings, PriorPrompts, dsd_loss
 from tsjax.guidance.vsd import Denoiser, encode_latents
 from tsjax.metrics.vgg import contextual_loss
+from tsjax.ops import conv as conv_ops
 from tsjax.render.camera import Cameras, camera_condition, sample_orbit_cameras
 from tsjax.theme.prompts import direction_ids
 
@@ -379,7 +380,12 @@ def _build(spec: Stage2Spec):
         m = dict(m, grad_norm=gnorm, finite=finite.astype(jnp.float32))
         return new, m
 
-    return loss_fn, update
+    def loss_with_algorithm(*args, **kwargs):
+        # perf.conv_algorithm holds for every conv traced in the loss and its gradient (tsjax.ops.conv).
+        with conv_ops.algorithm(perf.conv_algorithm):
+            return loss_fn(*args, **kwargs)
+
+    return loss_with_algorithm, update
 
 
 def _grads_jit(loss_fn: Callable, part: str) -> Callable:
