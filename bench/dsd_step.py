@@ -432,7 +432,7 @@ def worker_paper(variant: str, paper_grid: int, do_compile: bool) -> None:
 # ------------------------------------------------------------------------------------------------------
 # guidance peer: tsjax
 # ------------------------------------------------------------------------------------------------------
-def worker_guid_tsjax(shape: str, root: Path, dtype: str) -> None:
+def worker_guid_tsjax(shape: str, root: Path, dtype: str, algo: str = "direct") -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -443,6 +443,7 @@ def worker_guid_tsjax(shape: str, root: Path, dtype: str) -> None:
     from tsjax.diffusion.clip_text import CLIPTextConfig
     from tsjax.diffusion.lora import LORA_WEIGHT_NAME, load_lora_diffusers
     from tsjax.diffusion.sampling import TINY_SCHEDULER, DiffusionModel
+    from tsjax.ops import conv as conv_ops
     from tsjax.theme import stage2 as S
     from tsjax.theme.pipeline import _lora_parts
 
@@ -500,8 +501,9 @@ def worker_guid_tsjax(shape: str, root: Path, dtype: str) -> None:
         return total, dict(terms, lora=l_lora)
 
     def step(tr, ost, fz, d):
-        (total, terms), (g_tr, gxc, gxn) = jax.value_and_grad(loss_fn, argnums=(0, 1, 2), has_aux=True)(
-            tr, d["xc"], d["xn"], fz, d)
+        with conv_ops.algorithm(algo):  # as PerfConfig.conv_algorithm in the stage-2 step
+            (total, terms), (g_tr, gxc, gxn) = jax.value_and_grad(loss_fn, argnums=(0, 1, 2), has_aux=True)(
+                tr, d["xc"], d["xn"], fz, d)
         updates, ost = opt.update(g_tr, ost, tr)
         return optax.apply_updates(tr, updates), ost, total, terms, gxc, gxn
 
@@ -515,7 +517,7 @@ def worker_guid_tsjax(shape: str, root: Path, dtype: str) -> None:
     t0 = time.perf_counter()
     train, opt_state, total, terms, gxc, gxn = jax.block_until_ready(compiled(train, opt_state, frozen, data))
     first = time.perf_counter() - t0
-    np.savez(root / f"parity_tsjax_{dtype}.npz", total=np.asarray(total, np.float32),
+    np.savez(root / f"parity_tsjax_{dtype}{_algo_suffix(algo)}.npz", total=np.asarray(total, np.float32),
              gxc=np.asarray(gxc, np.float32), gxn=np.asarray(gxn, np.float32),
              **{"term_" + k: np.asarray(v, np.float32) for k, v in terms.items()})
     train, opt_state = jax.block_until_ready(compiled(train, opt_state, frozen, data))[:2]  # warm-up
@@ -660,6 +662,11 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def _algo_suffix(algo: str) -> str:
+    """Suffix of a tsjax guidance worker's name / parity file for conv algorithm ``algo``."""
+    return "" if algo == "direct" else f"_{algo}"
+
+
 def run_worker(argv: list[str]) -> None:
     role = argv[0]
     if role == "prep":
@@ -669,7 +676,7 @@ def run_worker(argv: list[str]) -> None:
     elif role == "paper":
         worker_paper(argv[1], int(argv[2]), argv[3] == "1")
     elif role == "guid_tsjax":
-        worker_guid_tsjax(argv[1], Path(argv[2]), argv[3])
+        worker_guid_tsjax(argv[1], Path(argv[2]), argv[3], argv[4] if len(argv) > 4 else "direct")
     elif role == "guid_torch":
         worker_guid_torch(argv[1], Path(argv[2]), int(argv[3]), argv[4])
     elif role == "peak":
@@ -721,6 +728,9 @@ def main(argv=None) -> int:
     ap.add_argument("--peer-dtypes", default="float32",
                     help="comma list of float32, bfloat16: compute dtype of the guidance peers (bfloat16: tsjax "
                          "perf.compute_dtype=bfloat16 against PyTorch bf16 autocast and PyTorch float32)")
+    ap.add_argument("--peer-conv", default="direct",
+                    help="comma list of direct, winograd2, winograd4: conv algorithms of the tsjax guidance peer "
+                         "(PerfConfig.conv_algorithm; float32 3x3 convs), one worker each")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per variant (after one warm-up)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for XLA and torch")
     ap.add_argument("--paper-grid", type=int, default=128, help="tet grid of the paper shape")
@@ -731,8 +741,10 @@ def main(argv=None) -> int:
     shapes = [s for s in args.shapes.split(",") if s]
     variants = [v for v in args.variants.split(",") if v]
     peer_dtypes = [t for t in args.peer_dtypes.split(",") if t]
+    peer_convs = [a for a in args.peer_conv.split(",") if a]
     bad = [s for s in shapes if s not in SHAPES] + [v for v in variants if v not in ("plain", "optimised")] + \
-        [t for t in peer_dtypes if t not in ("float32", "bfloat16")]
+        [t for t in peer_dtypes if t not in ("float32", "bfloat16")] + \
+        [a for a in peer_convs if a not in ("direct", "winograd2", "winograd4")]
     if bad or args.steps < 1 or args.threads < 1:
         print(f"error: --shapes/--variants: unknown {bad}" if bad else "error: --steps and --threads must be >= 1",
               file=sys.stderr)
@@ -799,7 +811,8 @@ def main(argv=None) -> int:
             if args.peer:
                 for dt in peer_dtypes:  # bf16: against PyTorch bf16 autocast and PyTorch float32
                     torch_dts = [dt] + (["float32"] if dt != "float32" else [])
-                    phases.append([(f"guid:tsjax:{dt}", ["guid_tsjax", shape, d, dt])] +
+                    phases.append([(f"guid:tsjax:{dt}" + (f":{a}" if a != "direct" else ""),
+                                    ["guid_tsjax", shape, d, dt, a]) for a in peer_convs] +
                                   [(f"guid:torch:{t}", ["guid_torch", shape, d, str(args.threads), t])
                                    for t in torch_dts])
             # one phase at a time (the step variants, then the guidance peers of each dtype) so that at most
@@ -832,6 +845,8 @@ def main(argv=None) -> int:
                                finite=min(s["finite"], f["finite_last"]), xla_memory=s["xla_memory"])
                 else:
                     rec.update(framework=n.split(":")[1], dtype=n.split(":")[2])
+                    if rec["framework"] == "tsjax":
+                        rec.update(conv_algorithm=n.split(":")[3] if n.count(":") > 2 else "direct")
                 if "flops" in s:
                     gf = s["flops"] / 1e9
                     rec.update(gflop_per_step=round(gf, 2), flops_source=FLOPS_SOURCE,
@@ -842,15 +857,17 @@ def main(argv=None) -> int:
                                compile_s_note="eager: first call minus a steady call")
                 rec["unet_params_m"] = prep["unet_params_m"]
                 emit(rec)
-            for dt in peer_dtypes if args.peer else []:
+            for dt, algo in [(t, a) for t in peer_dtypes for a in peer_convs] if args.peer else []:
                 for tdt in [dt] + (["float32"] if dt != "float32" else []):
-                    a_n, b_n = f"guid:tsjax:{dt}", f"guid:torch:{tdt}"
+                    a_n, b_n = f"guid:tsjax:{dt}" + (f":{algo}" if algo != "direct" else ""), f"guid:torch:{tdt}"
                     if a_n not in times or b_n not in times:
                         continue
                     import numpy as np
 
-                    pa, pb = np.load(root / f"parity_tsjax_{dt}.npz"), np.load(root / f"parity_torch_{tdt}.npz")
-                    emit(dict(base, kind="peer_ratio", tsjax_dtype=dt, torch_dtype=tdt, goal="<= 0.7 at mid",
+                    pa = np.load(root / f"parity_tsjax_{dt}{_algo_suffix(algo)}.npz")
+                    pb = np.load(root / f"parity_torch_{tdt}.npz")
+                    emit(dict(base, kind="peer_ratio", tsjax_dtype=dt, torch_dtype=tdt, conv_algorithm=algo,
+                              goal="<= 0.7 at mid",
                               **ratio_summary(times[a_n], times[b_n]),
                               parity_rel_err={"loss": _rel(pa["total"], pb["total"]),
                                               "grad_color_image": _rel(pa["gxc"], pb["gxc"]),
