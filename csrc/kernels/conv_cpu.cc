@@ -357,8 +357,13 @@ void ConvForwardCpu(const ConvParams& p, const float* x, const float* w, float* 
 // micro-tiles) and transforms M back into the panel's output channels.
 namespace {
 
-constexpr int64_t kWinoVBytes = int64_t{2} << 20;
-constexpr int64_t kWinoMaxTiles = 16 * kMr;
+// Tiles per block: every block streams all of U once (alpha^2 * ci * co floats, from memory when ci * co is
+// large), i.e. 2 / kWinoTiles bytes per flop. With blocks sized to keep V in L2 (2 MiB: 24 tiles at
+// ci = 512) the F(4x4) 8x16x16x512 conv ran 1.9x slower than with 96 tiles (V then 7 MiB, but each GEMM
+// reads one V[k] slice, nb * ci floats, and the whole of V once per panel: a few GB/s from L3). One
+// thread, 96 / 144 / 192 tiles: within noise on 256x256x64 ... 8x16x16x512; 96 keeps V + M of a 64-channel
+// conv in L2 (1.8 MiB), where 192 was up to 1.15x slower.
+constexpr int64_t kWinoTiles = 16 * kMr;
 
 struct ThreadBuf {
   AlignedBuf buf;
@@ -401,11 +406,10 @@ void ConvForwardWinogradCpu(const ConvParams& p, int m, const float* x, const fl
     });
   }
 
-  // Tiles per block (a multiple of kMr) and panels per group: blocks of about kWinoVBytes of transformed
-  // input; where that leaves fewer than kFwdItemsPerThread items per thread, smaller panel groups (each
-  // re-transforms its block's input, a small cost next to a panel's GEMMs), then smaller blocks.
-  int64_t nb = std::clamp<int64_t>(kWinoVBytes / (a2 * p.ci * int64_t{sizeof(float)}), kMr, kWinoMaxTiles) / kMr * kMr;
-  nb = std::min(nb, CeilDiv(ntiles, kMr) * kMr);
+  // Tiles per block (a multiple of kMr) and panels per group: blocks of kWinoTiles tiles; where that leaves
+  // fewer than kFwdItemsPerThread items per thread, smaller panel groups (each re-transforms its block's
+  // input, a small cost next to a panel's GEMMs), then smaller blocks.
+  int64_t nb = std::min(kWinoTiles, CeilDiv(ntiles, kMr) * kMr);
   const int64_t min_items = kFwdItemsPerThread * (threads > 0 ? threads : 4);
   int64_t G = npan;
   while (G > 1 && CeilDiv(ntiles, nb) * CeilDiv(npan, G) < min_items) G = CeilDiv(G, 2);
