@@ -22,7 +22,9 @@ Shapes (batch B = 1 distilled view per step, as in both presets):
   memory analysis; it is not run (memory/time), and the row says so.
 
 Variants: ``plain`` = :data:`tsjax.config.PLAIN_PERF` (fp32, one UNet call per term, two surface
-extractions, contextual gradient and update as separate jits, no donation, no remat); ``optimised`` =
+extractions, contextual gradient and update as separate jits, no donation, no remat); ``winograd2`` /
+``winograd4`` = ``optimised`` with ``perf.conv_algorithm`` set so (Winograd 3x3 convs on the CPU
+kernels; the tsjax guidance peer takes the same choice from ``--peer-conv``); ``optimised`` =
 ``PerfConfig()`` defaults (on CPU: fp32 because ``compute_dtype="auto"`` is fp32 there, the native CPU
 conv and attention kernels, fused UNet passes, one extraction, contextual loss fused into the one jit,
 donated state).
@@ -203,6 +205,10 @@ def worker_prep(shape: str, root: Path) -> dict:
 # ------------------------------------------------------------------------------------------------------
 # the full stage-2 step (tsjax)
 # ------------------------------------------------------------------------------------------------------
+#: Step variants: PLAIN_PERF, PerfConfig() and PerfConfig() with a Winograd conv algorithm.
+VARIANTS = ("plain", "optimised", "winograd2", "winograd4")
+
+
 def build_step(shape: str, variant: str, root: Path | None, paper_grid: int, abstract: bool):
     """Everything the step needs: ``(spec, opt, state, inputs, key)``; with ``abstract`` every array is a
     ``jax.ShapeDtypeStruct`` (nothing allocated; the paper shape)."""
@@ -225,7 +231,7 @@ def build_step(shape: str, variant: str, root: Path | None, paper_grid: int, abs
 
     sc = SHAPES[shape]
     R, K, n_ctx = sc["res"], sc["K"], N_CTX[shape]
-    perf = PLAIN_PERF if variant == "plain" else PerfConfig()
+    perf = {"plain": PLAIN_PERF, "optimised": PerfConfig()}.get(variant) or PerfConfig(conv_algorithm=variant)
     ucfg, vcfg = model_configs(shape)
     model = DiffusionModel(ucfg, vcfg, CLIPTextConfig.tiny(), dict(TINY_SCHEDULER), None, {})
     key = jax.random.key(0)
@@ -723,7 +729,8 @@ def main(argv=None) -> int:
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="tiny,mid", help="comma list of tiny, mid, paper")
-    ap.add_argument("--variants", default="plain,optimised", help="comma list of plain, optimised")
+    ap.add_argument("--variants", default="plain,optimised",
+                    help="comma list of plain, optimised, winograd2, winograd4 (optimised + that conv algorithm)")
     ap.add_argument("--peer", action="store_true", help="also time the guidance part in tsjax and diffusers PyTorch")
     ap.add_argument("--peer-dtypes", default="float32",
                     help="comma list of float32, bfloat16: compute dtype of the guidance peers (bfloat16: tsjax "
@@ -742,7 +749,7 @@ def main(argv=None) -> int:
     variants = [v for v in args.variants.split(",") if v]
     peer_dtypes = [t for t in args.peer_dtypes.split(",") if t]
     peer_convs = [a for a in args.peer_conv.split(",") if a]
-    bad = [s for s in shapes if s not in SHAPES] + [v for v in variants if v not in ("plain", "optimised")] + \
+    bad = [s for s in shapes if s not in SHAPES] + [v for v in variants if v not in VARIANTS] + \
         [t for t in peer_dtypes if t not in ("float32", "bfloat16")] + \
         [a for a in peer_convs if a not in ("direct", "winograd2", "winograd4")]
     if bad or args.steps < 1 or args.threads < 1:
@@ -879,6 +886,17 @@ def main(argv=None) -> int:
                 emit(dict(base, kind="speedup", plain_over_optimised_median=round(statistics.median(p) /
                                                                                    statistics.median(o), 3),
                           plain_over_optimised_min=round(min(p) / min(o), 3), **load_of["step:plain"]))
+            for v in ("winograd2", "winograd4"):
+                if f"step:{v}" not in times:
+                    continue
+                wt = times[f"step:{v}"]
+                rec = dict(base, kind="speedup", variant=v, **load_of[f"step:{v}"])
+                for ref in ("plain", "optimised"):
+                    if f"step:{ref}" in times:
+                        rt = times[f"step:{ref}"]
+                        rec[f"{ref}_over_{v}_median"] = round(statistics.median(rt) / statistics.median(wt), 3)
+                        rec[f"{ref}_over_{v}_min"] = round(min(rt) / min(wt), 3)
+                emit(rec)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a") as fh:
         fh.write("\n".join(lines) + "\n")
