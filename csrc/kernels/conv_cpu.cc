@@ -364,6 +364,9 @@ namespace {
 // thread, 96 / 144 / 192 tiles: within noise on 256x256x64 ... 8x16x16x512; 96 keeps V + M of a 64-channel
 // conv in L2 (1.8 MiB), where 192 was up to 1.15x slower.
 constexpr int64_t kWinoTiles = 16 * kMr;
+// ... but at most kWinoVBytes of transformed input per block (a per-thread buffer kept between calls): 96
+// tiles up to 568 input channels with F(4x4), fewer at SD's 1280-2560.
+constexpr int64_t kWinoVBytes = int64_t{8} << 20;
 
 struct ThreadBuf {
   AlignedBuf buf;
@@ -409,7 +412,8 @@ void ConvForwardWinogradCpu(const ConvParams& p, int m, const float* x, const fl
   // Tiles per block (a multiple of kMr) and panels per group: blocks of kWinoTiles tiles; where that leaves
   // fewer than kFwdItemsPerThread items per thread, smaller panel groups (each re-transforms its block's
   // input, a small cost next to a panel's GEMMs), then smaller blocks.
-  int64_t nb = std::min(kWinoTiles, CeilDiv(ntiles, kMr) * kMr);
+  int64_t nb = std::clamp<int64_t>(kWinoVBytes / (a2 * p.ci * int64_t{sizeof(float)}), kMr, kWinoTiles) / kMr * kMr;
+  nb = std::min(nb, CeilDiv(ntiles, kMr) * kMr);
   const int64_t min_items = kFwdItemsPerThread * (threads > 0 ? threads : 4);
   int64_t G = npan;
   while (G > 1 && CeilDiv(ntiles, nb) * CeilDiv(npan, G) < min_items) G = CeilDiv(G, 2);
