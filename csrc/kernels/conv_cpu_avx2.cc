@@ -97,6 +97,19 @@ void GradTileAvx2(const GradRun* runs, int nruns, int64_t xoff, int64_t dyoff, i
   }
 }
 
+// Winograd transforms (conv_winograd_impl.h) over this file's vector type.
+namespace avx2 {
+
+#include "kernels/simd_avx2.h"
+
+#include "kernels/conv_winograd_impl.h"
+
+}  // namespace avx2
+
+void WinoInputAvx2(const WinoInput& t) { avx2::WinoInputDispatch<avx2::V>(t); }
+void WinoKernelAvx2(const WinoKernel& t) { avx2::WinoKernelDispatch<avx2::V>(t); }
+void WinoOutputAvx2(const WinoOutput& t) { avx2::WinoOutputDispatch<avx2::V>(t); }
+
 }  // namespace conv_detail
 }  // namespace tsjax
 

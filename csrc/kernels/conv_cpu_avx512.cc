@@ -107,6 +107,19 @@ void GradTileAvx512(const GradRun* runs, int nruns, int64_t xoff, int64_t dyoff,
   }
 }
 
+// Winograd transforms (conv_winograd_impl.h) over this file's vector type.
+namespace avx512 {
+
+#include "kernels/simd_avx512.h"
+
+#include "kernels/conv_winograd_impl.h"
+
+}  // namespace avx512
+
+void WinoInputAvx512(const WinoInput& t) { avx512::WinoInputDispatch<avx512::V>(t); }
+void WinoKernelAvx512(const WinoKernel& t) { avx512::WinoKernelDispatch<avx512::V>(t); }
+void WinoOutputAvx512(const WinoOutput& t) { avx512::WinoOutputDispatch<avx512::V>(t); }
+
 }  // namespace conv_detail
 }  // namespace tsjax
 
