@@ -324,7 +324,8 @@ class PerfConfig:
     conv_algorithm: ``"direct"``, ``"winograd2"`` or ``"winograd4"``: Winograd F(2x2, 3x3) / F(4x4, 3x3)
       for the float32 3x3 stride-1 convs on the CPU kernels (forward and input gradient; large maps
       only), ``tsjax.ops.conv.algorithm``. F(4x4) runs those convs 2.1-2.5x faster than direct and
-      rounds ~30x more (~1e-5 of the output scale); F(2x2) 1.6-1.7x faster at the direct rounding.
+      rounds 10-50x more (1e-5 - 2.4e-5 of the output scale); F(2x2) 1.6-1.7x faster at the direct
+      rounding. On the mid-shape guidance F(4x4) is 1.3x faster than direct (bench/README.md).
       Default ``"direct"``, so results match earlier runs; other platforms (cuDNN) ignore it.
     """
 

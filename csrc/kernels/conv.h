@@ -55,8 +55,8 @@ void ConvKernelGradCpu(const ConvParams& p, const float* x, const float* dy, flo
 // alpha^2 = (m + 2)^2 GEMMs of [tiles, ci] x [ci, co] on the forward's micro-kernels between an input
 // transform (per tile, vectorised over ci) and an output transform. ci and co must be multiples of 16;
 // p.flip as ConvForwardCpu (the input gradient's kernel). Precision: float32 throughout; the transforms add
-// rounding: against a float64 reference, m = 2 stays within about 1.5x the direct forward's error, m = 4
-// about 30x (~1e-5 of the output scale at ci = 256; tests/ops/test_conv.py bounds both). Results do not
+// rounding: against a float64 reference, m = 2 stays within the direct forward's error, m = 4 is 10-50x it
+// (up to ~2.4e-5 of the output scale; tests/ops/test_conv.py bounds both). Results do not
 // depend on the thread count or the instruction set. Scratch: the transformed kernel (alpha^2 * ci * co
 // floats) and the packed kernel from the forward's buffer set; per thread, one block of transformed tiles.
 void ConvForwardWinogradCpu(const ConvParams& p, int m, const float* x, const float* w, float* y, CpuIsa isa,

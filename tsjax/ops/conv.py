@@ -31,14 +31,13 @@ Under ``vmap`` the native calls run once per mapped element.
 
 **Winograd.** :func:`algorithm` (a context manager, read when a function is traced; default: the
 ``TSJAX_CONV_ALGORITHM`` environment variable, else ``"direct"``) selects Winograd's minimal filtering
-for float32 3x3 stride-1 convs: ``"winograd2"`` is F(2x2, 3x3) (2.25x fewer multiplies, rounding within
-about 1.5x the direct kernels'), ``"winograd4"`` F(4x4, 3x3) (4x fewer multiplies, ~30x the direct
-rounding: ~1e-5 of the output scale at 256 input channels). It applies to the forward and to the input
+for float32 3x3 stride-1 convs: ``"winograd2"`` is F(2x2, 3x3) (2.25x fewer multiplies, rounding no
+worse than the direct kernels'), ``"winograd4"`` F(4x4, 3x3) (4x fewer multiplies, 10-50x the direct
+rounding: up to ~2.4e-5 of the output scale in the tests). It applies to the forward and to the input
 gradient (the same kernel, flipped) of convs whose channel counts are multiples of 16 and whose output
 covers at least :data:`WINOGRAD_MIN_PIXELS` pixels over the batch (below that, transforming the kernel
 costs more than it saves; ``"winograd4"`` takes F(2x2, 3x3) between the two thresholds); the kernel
-gradient stays direct. ``tsjax.config.PerfConfig.conv_algorithm``
-sets it for the stage-2 step.
+gradient stays direct. ``tsjax.config.PerfConfig.conv_algorithm`` sets it for the stage-2 step.
 
 ``TSJAX_NATIVE_CONV=0`` (read when a function is traced) turns the native path off;
 ``TSJAX_CPU_THREADS`` / ``TSJAX_CPU_ISA`` are read by the kernels (csrc/ffi/conv_cpu_ffi.cc).
