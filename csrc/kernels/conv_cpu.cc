@@ -351,8 +351,8 @@ void ConvForwardCpu(const ConvParams& p, const float* x, const float* w, float* 
 
 // Winograd forward (kernels/conv.h). The kernel is packed into 64-channel panels as for the direct
 // forward (both orientations), then transformed to U[k][panel][ci][64] (k < alpha^2). A work item is a
-// block of up to nb tiles x a group of panels: it transforms its tiles' inputs into V[k][tile][ci] (per
-// thread, sized to stay near L2), then per panel runs the alpha^2 GEMMs M[k] = V[k] U[k][panel] on the
+// block of up to nb tiles x a group of panels: it transforms its tiles' inputs into V[k][tile][ci] (a
+// per-thread buffer; block size below), then per panel runs the alpha^2 GEMMs M[k] = V[k] U[k][panel] on the
 // direct forward's 6 x 64 micro-kernel (U[k][panel], ci x 64 floats, stays in L2 across the block's
 // micro-tiles) and transforms M back into the panel's output channels.
 namespace {
