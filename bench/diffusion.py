@@ -1,6 +1,7 @@
 """Benchmark tsjax's Flax UNet/VAE against diffusers PyTorch with the SAME weights (JSON lines).
 
     python bench/diffusion.py [--configs mid,sd21-base] [--threads 1] [--iters 3] [--out bench.jsonl]
+                              [--conv-algorithm direct|winograd2|winograd4]
                               [--batches 2,1] [--max-rss-gb N]
 
 For each config a subprocess builds the diffusers PyTorch models with a fixed seed and
@@ -154,7 +155,7 @@ def worker_jax(name: str, kind: str, root: Path, threads: int, batch: int):
     from tsjax.diffusion.unet import UNet2DConditionModel
     from tsjax.diffusion.vae import AutoencoderKL
     from tsjax.ops import _ffi
-    from tsjax.ops.conv import native_available
+    from tsjax.ops.conv import current_algorithm, native_available
 
     x, t, ctx, img = _inputs(name, batch)
     if kind.startswith("unet"):
@@ -188,7 +189,8 @@ def worker_jax(name: str, kind: str, root: Path, threads: int, batch: int):
 
     run()  # first call (allocations)
     run()
-    return run, {"compile_s": compile_s, "native_conv": native_available(), "cpu_isa": _ffi.cpu_isa()}
+    return run, {"compile_s": compile_s, "native_conv": native_available(), "cpu_isa": _ffi.cpu_isa(),
+                 "conv_algorithm": current_algorithm()}
 
 
 def run_worker(argv) -> None:
@@ -217,6 +219,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--iters", type=int, default=None, help="interleaved rounds (default: 5 mid, 2 sd21-base)")
     ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    ap.add_argument("--conv-algorithm", default=None, choices=("direct", "winograd2", "winograd4"),
+                    help="tsjax conv algorithm (TSJAX_CONV_ALGORITHM for the tsjax workers; default: the "
+                         "environment's, else direct)")
     ap.add_argument("--batches", default=None,
                     help="comma-separated batch sizes to try per measurement, largest first (default: config's)")
     ap.add_argument("--max-rss-gb", type=float, default=None,
@@ -234,6 +239,8 @@ def main(argv=None) -> int:
     env = worker_env(env, args.threads)  # CPU affinity: XLA ignores thread counts for GEMMs
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONUNBUFFERED"] = "1"
+    if args.conv_algorithm:
+        env["TSJAX_CONV_ALGORITHM"] = args.conv_algorithm  # read by tsjax only
     lines = []
     logdir = Path(tempfile.mkdtemp(prefix="diffusion_bench_logs_"))
 
@@ -283,6 +290,7 @@ def main(argv=None) -> int:
                                   step_s_min=min(ts), iters=len(ts), threads=args.threads,
                                   cpus_pinned=args.threads, **setup[fw], **fin[fw]))
                     rec = {"config": name, "kind": kind, "batch": batch, "summary": True,
+                           "conv_algorithm": setup["tsjax"].get("conv_algorithm"),
                            **ratio_summary(times["tsjax"], times["torch"]),
                            "ratio_peak_rss": round(fin["tsjax"]["peak_rss_mb"] / fin["torch"]["peak_rss_mb"], 3)}
                     rec["ratio_step_tsjax_over_torch"] = rec["ratio_median"]
