@@ -101,8 +101,6 @@ struct GradRun {
 
 void FwdTileAvx512(const FwdTile& t);
 void FwdTileAvx2(const FwdTile& t);
-// One kernel-gradient micro-tile: acc[m][n] (row stride kPanel) += sum over the runs' pixels of
-// x_row[xoff + m] * dy_row[dyoff + n], m < mr <= kMr input channels, n < nvec16 * 16 output channels.
 // Winograd transforms (conv_winograd_impl.h); m = 2 or 4, alpha = m + 2, k = xi * alpha + nu.
 // Input: v[k * plane + c] = (B^T d B)[k], d the alpha x alpha tile whose rows (ci floats) are src[i * alpha + j].
 struct WinoInput {
@@ -136,6 +134,8 @@ void WinoKernelAvx2(const WinoKernel& t);
 void WinoOutputAvx512(const WinoOutput& t);
 void WinoOutputAvx2(const WinoOutput& t);
 
+// One kernel-gradient micro-tile: acc[m][n] (row stride kPanel) += sum over the runs' pixels of
+// x_row[xoff + m] * dy_row[dyoff + n], m < mr <= kMr input channels, n < nvec16 * 16 output channels.
 void GradTileAvx512(const GradRun* runs, int nruns, int64_t xoff, int64_t dyoff, int mr, int nvec16, float* acc);
 void GradTileAvx2(const GradRun* runs, int nruns, int64_t xoff, int64_t dyoff, int mr, int nvec16, float* acc);
 

@@ -58,6 +58,13 @@ AlignedBuf Alloc(int64_t n) {
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// n zeros: the row that out-of-image taps read.
+AlignedBuf ZeroRow(int64_t n) {
+  AlignedBuf z = Alloc(n);
+  std::memset(z.get(), 0, std::max<int64_t>(n, 1) * sizeof(float));
+  return z;
+}
+
 // Packed-weight buffers kept between calls. A fresh allocation of tens of MB is a fresh mmap whose pages
 // are faulted in and zeroed on first touch, on every call (at 2x16x16x1280 -> 1280, 3x3, one thread,
 // keeping the buffer measured 0.89-0.92 per round with the old one-panel-at-a-time packing, 0.97-0.98
@@ -282,8 +289,7 @@ void ConvForwardCpu(const ConvParams& p, const float* x, const float* w, float* 
     PackAllPanels(p, w, shared->get(), parallel_for);
   }
   const float* const packed = shared ? shared->get() : nullptr;
-  AlignedBuf zeros = Alloc(p.ci);
-  std::memset(zeros.get(), 0, p.ci * sizeof(float));
+  const AlignedBuf zeros = ZeroRow(p.ci);
   const std::vector<KBlock> kblocks = KBlocks(taps, p.ci);
   auto tile_fn = isa == CpuIsa::kAvx512 ? conv_detail::FwdTileAvx512 : conv_detail::FwdTileAvx2;
 
@@ -419,8 +425,7 @@ void ConvForwardWinogradCpu(const ConvParams& p, int m, const float* x, const fl
   while (G > 1 && CeilDiv(ntiles, nb) * CeilDiv(npan, G) < min_items) G = CeilDiv(G, 2);
   while (nb > kMr && CeilDiv(ntiles, nb) * CeilDiv(npan, G) < min_items) nb = std::max<int64_t>(kMr, nb / 2 / kMr * kMr);
   const int64_t nblocks = CeilDiv(ntiles, nb), ngroups = CeilDiv(npan, G);
-  AlignedBuf zeros = Alloc(p.ci);
-  std::memset(zeros.get(), 0, p.ci * sizeof(float));
+  const AlignedBuf zeros = ZeroRow(p.ci);
 
   parallel_for(nblocks * ngroups, [&](int64_t item) {
     const int64_t blk = item / ngroups, grp = item % ngroups;

@@ -1,7 +1,8 @@
 // Winograd F(m x m, 3 x 3) transforms of the native convolution (kernels/conv.h, ConvForwardWinogradCpu),
 // written once over the SIMD vector type V (simd_avx512.h / simd_avx2.h): conv_cpu_avx512.cc and
-// conv_cpu_avx2.cc include it inside a namespace, after that header. Every transform is vectorised over channels (NHWC rows, packed 64-channel panels) and does
-// the same operations in the same order in every lane, so AVX2 and AVX-512 builds give identical results.
+// conv_cpu_avx2.cc include it inside a namespace, after that header. Every transform is vectorised over
+// channels (NHWC rows, packed 64-channel panels) and does the same operations in the same order in every
+// lane, so AVX2 and AVX-512 builds give identical results.
 //
 // Matrices (Lavin & Gray 2016), alpha = m + 2 points:
 //   F(2, 3): points 0, 1, -1, inf.     F(4, 3): points 0, 1, -1, 2, -2, inf.
