@@ -55,6 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cpus import pin_from_env, worker_env  # noqa: E402
 from _workers import Worker, available_gb, emit_result, interleave, ratio_summary, reset_peak, serve, status_mb  # noqa: E402
 
+from tsjax.config import CONV_ALGORITHMS  # noqa: E402  (tsjax.config loads no jax)
+
 PINNED_CPUS = pin_from_env()  # workers: their share of the cores, set before jax/torch load
 
 CONFIGS = {
@@ -219,7 +221,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--iters", type=int, default=None, help="interleaved rounds (default: 5 mid, 2 sd21-base)")
     ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
-    ap.add_argument("--conv-algorithm", default=None, choices=("direct", "winograd2", "winograd4"),
+    ap.add_argument("--conv-algorithm", default=None, choices=CONV_ALGORITHMS,
                     help="tsjax conv algorithm (TSJAX_CONV_ALGORITHM for the tsjax workers; default: the "
                          "environment's, else direct)")
     ap.add_argument("--batches", default=None,

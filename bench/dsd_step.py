@@ -92,6 +92,8 @@ from _workers import Worker, available_gb, emit_result, interleave, ratio_summar
 
 PINNED_CPUS = pin_from_env()  # workers: their share of the cores, set before jax/torch load
 
+from tsjax.config import CONV_ALGORITHMS  # noqa: E402  (tsjax.config loads no jax)
+
 HERE = Path(__file__).resolve().parent
 L_SEQ = 77  # prompt length of the text tables (CLIP's 77 tokens, the tiny text encoder's too)
 N_CTX = {"tiny": 8, "mid": 8, "paper": 20}  # contextual pseudo-views available (init views, config values)
@@ -206,7 +208,7 @@ def worker_prep(shape: str, root: Path) -> dict:
 # the full stage-2 step (tsjax)
 # ------------------------------------------------------------------------------------------------------
 #: Step variants: PLAIN_PERF, PerfConfig() and PerfConfig() with a Winograd conv algorithm.
-VARIANTS = ("plain", "optimised", "winograd2", "winograd4")
+VARIANTS = ("plain", "optimised") + tuple(a for a in CONV_ALGORITHMS if a != "direct")
 
 
 def build_step(shape: str, variant: str, root: Path | None, paper_grid: int, abstract: bool):
@@ -231,7 +233,10 @@ def build_step(shape: str, variant: str, root: Path | None, paper_grid: int, abs
 
     sc = SHAPES[shape]
     R, K, n_ctx = sc["res"], sc["K"], N_CTX[shape]
-    perf = {"plain": PLAIN_PERF, "optimised": PerfConfig()}.get(variant) or PerfConfig(conv_algorithm=variant)
+    if variant == "plain":
+        perf = PLAIN_PERF
+    else:
+        perf = PerfConfig(conv_algorithm="direct" if variant == "optimised" else variant)
     ucfg, vcfg = model_configs(shape)
     model = DiffusionModel(ucfg, vcfg, CLIPTextConfig.tiny(), dict(TINY_SCHEDULER), None, {})
     key = jax.random.key(0)
@@ -668,9 +673,10 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def _algo_suffix(algo: str) -> str:
-    """Suffix of a tsjax guidance worker's name / parity file for conv algorithm ``algo``."""
-    return "" if algo == "direct" else f"_{algo}"
+def _algo_suffix(algo: str, sep: str = "_") -> str:
+    """Suffix of a tsjax guidance worker's parity file (``sep="_"``) or name (``sep=":"``) for conv
+    algorithm ``algo``: empty for ``direct``, so the direct worker keeps its earlier names."""
+    return "" if algo == "direct" else f"{sep}{algo}"
 
 
 def run_worker(argv: list[str]) -> None:
@@ -751,7 +757,7 @@ def main(argv=None) -> int:
     peer_convs = [a for a in args.peer_conv.split(",") if a]
     bad = [s for s in shapes if s not in SHAPES] + [v for v in variants if v not in VARIANTS] + \
         [t for t in peer_dtypes if t not in ("float32", "bfloat16")] + \
-        [a for a in peer_convs if a not in ("direct", "winograd2", "winograd4")]
+        [a for a in peer_convs if a not in CONV_ALGORITHMS]
     if bad or args.steps < 1 or args.threads < 1:
         print(f"error: --shapes/--variants: unknown {bad}" if bad else "error: --steps and --threads must be >= 1",
               file=sys.stderr)
@@ -818,7 +824,7 @@ def main(argv=None) -> int:
             if args.peer:
                 for dt in peer_dtypes:  # bf16: against PyTorch bf16 autocast and PyTorch float32
                     torch_dts = [dt] + (["float32"] if dt != "float32" else [])
-                    phases.append([(f"guid:tsjax:{dt}" + (f":{a}" if a != "direct" else ""),
+                    phases.append([(f"guid:tsjax:{dt}{_algo_suffix(a, ':')}",
                                     ["guid_tsjax", shape, d, dt, a]) for a in peer_convs] +
                                   [(f"guid:torch:{t}", ["guid_torch", shape, d, str(args.threads), t])
                                    for t in torch_dts])
@@ -866,7 +872,7 @@ def main(argv=None) -> int:
                 emit(rec)
             for dt, algo in [(t, a) for t in peer_dtypes for a in peer_convs] if args.peer else []:
                 for tdt in [dt] + (["float32"] if dt != "float32" else []):
-                    a_n, b_n = f"guid:tsjax:{dt}" + (f":{algo}" if algo != "direct" else ""), f"guid:torch:{tdt}"
+                    a_n, b_n = f"guid:tsjax:{dt}{_algo_suffix(algo, ':')}", f"guid:torch:{tdt}"
                     if a_n not in times or b_n not in times:
                         continue
                     import numpy as np
@@ -886,7 +892,7 @@ def main(argv=None) -> int:
                 emit(dict(base, kind="speedup", plain_over_optimised_median=round(statistics.median(p) /
                                                                                    statistics.median(o), 3),
                           plain_over_optimised_min=round(min(p) / min(o), 3), **load_of["step:plain"]))
-            for v in ("winograd2", "winograd4"):
+            for v in VARIANTS[2:]:  # the Winograd variants
                 if f"step:{v}" not in times:
                     continue
                 wt = times[f"step:{v}"]

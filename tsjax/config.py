@@ -293,7 +293,7 @@ class RenderConfig:
 #: Valid values of :class:`PerfConfig` fields.
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 REMAT_POLICIES = ("none", "dots", "full")
-CONV_ALGORITHMS = ("direct", "winograd2", "winograd4")  # tsjax.ops.conv.ALGORITHMS (config imports no jax)
+CONV_ALGORITHMS = ("direct", "winograd2", "winograd4")  # also tsjax.ops.conv.ALGORITHMS
 
 
 @_frozen

@@ -283,6 +283,7 @@ def test_winograd_conv_matches_float64_reference(monkeypatch, algo, case):
     b, h, w_, ci, co, pad = case
     x, w, stride, _ = _operands((b, h, w_, ci, co, 3, 1, pad), seed=11)
     ct = np.random.default_rng(12).standard_normal(C._xla_conv(x, w, stride, pad).shape).astype(np.float32)
+
     def value_and_vjp(x, w, ct):
         y, vjp = jax.vjp(lambda a, b: C.conv2d(a, b, stride, pad), x, w)
         return (y, *vjp(ct))

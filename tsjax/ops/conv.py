@@ -52,11 +52,14 @@ import os
 import jax
 import jax.numpy as jnp
 
+from tsjax.config import CONV_ALGORITHMS
+
 __all__ = ["ALGORITHMS", "WINOGRAD_MIN_PIXELS", "algorithm", "conv2d", "current_algorithm", "matmul_nn",
            "matmul_nt", "matmul_tn", "native_available", "native_eligible", "winograd_tile"]
 
-#: Convolution algorithms :func:`algorithm` accepts (see the module docstring).
-ALGORITHMS = ("direct", "winograd2", "winograd4")
+#: Convolution algorithms :func:`algorithm` accepts (see the module docstring); the same tuple validates
+#: ``PerfConfig.conv_algorithm``.
+ALGORITHMS = CONV_ALGORITHMS
 #: Winograd F(m x m, 3 x 3) is used only where a conv's output has at least this many pixels (batch x
 #: height x width), per tile size m. Below, the kernel transform (alpha^2 * Cin * Cout floats written per
 #: call) costs about what the multiplies save. One thread, forward / input gradient against the direct
